@@ -1,0 +1,135 @@
+"""Per-code statistics of a batch: how many rows chose each code, and the sum of those rows.
+
+These are the sufficient statistics of the EMA codebook update, computed without a one-hot matrix:
+  fast           each row is added into its code's accumulator with fp32 atomics. The order in which rows land
+                 varies between runs, so the sums can differ in their last bits.
+  deterministic  rows are sorted by code (a stable sort, so the order is fixed) and each program reduces one
+                 code's run of rows in that order: the same bits on every run, for the price of the sort.
+
+Rows whose index is outside [0, K) add nothing: -1, which the nearest-code search gives rows holding NaN or inf,
+marks a row to leave out. Counts are float32 so that they blend directly into the EMA state.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, check_matrix, check_same_device, load_tile
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+@triton.jit
+def _code_stats_atomic_kernel(
+    # pointers
+    x_ptr, index_ptr,  # x [N, D] in its own dtype; index [N]
+    counts_ptr, sums_ptr,  # zeroed accumulators: counts [K], sums [K, D] contiguous, fp32
+    # sizes
+    N, K, D,
+    # strides
+    stride_xn, stride_xd,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    code = tl.load(index_ptr + rows, mask=rows < N, other=-1).to(tl.int64)
+    keep = (code >= 0) & (code < K)
+    x = load_tile(x_ptr, rows, dims, stride_xn, stride_xd, keep, dims < D)
+    tl.atomic_add(sums_ptr + code[:, None] * D + dims[None, :], x, mask=keep[:, None] & (dims[None, :] < D))
+    if tl.program_id(1) == 0:
+        tl.atomic_add(counts_ptr + code, tl.full((BLOCK_N,), 1.0, tl.float32), mask=keep)
+
+
+@triton.jit
+def _code_stats_sorted_kernel(
+    # pointers
+    x_ptr,  # x [N, D] in its own dtype
+    order_ptr, run_start_ptr,  # rows sorted by code [N]; where each code's run starts [K + 1]
+    counts_ptr, sums_ptr,  # outputs: counts [K], sums [K, D] contiguous, fp32
+    # sizes
+    D,
+    # strides
+    stride_xn, stride_xd,
+    # meta-parameters
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    code = tl.program_id(0)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    start = tl.load(run_start_ptr + code)
+    end = tl.load(run_start_ptr + code + 1)
+    # Partial sums per lane, then one tree reduction: the order is fixed by the sort and the block shape alone.
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rows = tl.load(order_ptr + ranks, mask=ranks < end, other=0)
+        acc += load_tile(x_ptr, rows, dims, stride_xn, stride_xd, ranks < end, dims < D)
+    tl.store(sums_ptr + code.to(tl.int64) * D + dims, tl.sum(acc, axis=0), mask=dims < D)
+    if tl.program_id(1) == 0:
+        tl.store(counts_ptr + code, (end - start).to(tl.float32))
+
+
+def _check_inputs(x, indices, num_codes):
+    check_matrix("x", x)
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in INDEX_DTYPES:
+        got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise TypeError(f"indices must be an int64 or int32 tensor, got {got}")
+    if indices.shape != (x.shape[0],):
+        raise ValueError(f"indices must have shape ({x.shape[0]},) to match x {tuple(x.shape)}, "
+                         f"got {tuple(indices.shape)}")
+    if not isinstance(num_codes, int) or num_codes < 1:
+        raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
+    check_device("x", x)
+    check_same_device("indices", indices, "x", x)
+
+
+def _check_index_range(indices, num_codes):
+    # One device-to-host read; callers whose indices come from the search skip it.
+    if bool((indices >= num_codes).any()):
+        bad = int(indices.max())
+        raise ValueError(f"indices holds {bad}, out of range for num_codes={num_codes} "
+                         "(negative indices mark rows to leave out; indices >= num_codes are errors)")
+
+
+def _stats_with_atomics(x, indices, num_codes):
+    N, D = x.shape
+    counts = torch.zeros(num_codes, dtype=torch.float32, device=x.device)
+    sums = torch.zeros(num_codes, D, dtype=torch.float32, device=x.device)
+    block_n, block_d = 64, min(128, max(16, triton.next_power_of_2(D)))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
+    _code_stats_atomic_kernel[grid](
+        x, indices, counts, sums, N, num_codes, D, x.stride(0), x.stride(1), BLOCK_N=block_n, BLOCK_D=block_d
+    )
+    return counts, sums
+
+
+def _stats_in_sorted_order(x, indices, num_codes):
+    N, D = x.shape
+    # Left-out rows go to bin K, which sorts last and which no program reads.
+    bins = torch.where((indices >= 0) & (indices < num_codes), indices.long(), num_codes)
+    order = torch.argsort(bins, stable=True)
+    run_start = torch.zeros(num_codes + 2, dtype=torch.int64, device=x.device)
+    torch.cumsum(torch.bincount(bins, minlength=num_codes + 1), dim=0, out=run_start[1:])
+    counts = torch.empty(num_codes, dtype=torch.float32, device=x.device)
+    sums = torch.empty(num_codes, D, dtype=torch.float32, device=x.device)
+    block_d = min(128, max(16, triton.next_power_of_2(D)))
+    grid = (num_codes, triton.cdiv(D, block_d))
+    _code_stats_sorted_kernel[grid](
+        x, order, run_start, counts, sums, D, x.stride(0), x.stride(1), BLOCK_R=16, BLOCK_D=block_d
+    )
+    return counts, sums
+
+
+def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, deterministic: bool = False,
+               validate_indices: bool = True):
+    """Per-code counts (float32 [K]) and sums of rows (float32 [K, D]) of x [N, D] grouped by indices [N].
+
+    Negative indices leave their row out. With validate_indices (one host sync) an index >= num_codes raises;
+    without it such rows are left out too. deterministic=True gives the same bits on every run.
+    """
+    _check_inputs(x, indices, num_codes)
+    if validate_indices:
+        _check_index_range(indices, num_codes)
+    if deterministic:
+        return _stats_in_sorted_order(x, indices, num_codes)
+    return _stats_with_atomics(x, indices, num_codes)

@@ -1,0 +1,75 @@
+"""Plain PyTorch references for the quantizer's kernels.
+
+Tests and benchmarks compare the Triton kernels with these, and the quantizer's `torch` backend runs them, so they
+are written to be obviously right first and reasonably fast second (chunked, no one-hot matrices). They follow
+the Triton functions' contracts, non-finite rows and skipped indices included, and check no inputs: callers do.
+"""
+
+import torch
+
+DEFAULT_CHUNK_ROWS = 4096
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+    """Index (int64 [N]) and squared L2 distance (float32 [N]) of the nearest codebook row, in fp32.
+
+    Works through x in chunks of `chunk_rows`, so at most chunk_rows x K distances exist at once. Like the kernel,
+    it centres both sides on the codebook mean (distances are unchanged; rounding error shrinks), and gives rows
+    holding NaN or inf index -1 and distance NaN.
+    """
+    code32 = codebook.float()
+    center = code32.mean(dim=0)
+    centred_codes = code32 - center
+    code_sqnorm = centred_codes.square().sum(dim=1)
+    indices = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    sq_dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk_rows):
+        rows = x[start : start + chunk_rows].float()
+        # score_k = |c_k|^2 - 2 x.c_k: the distance less |x|^2, which is the same for every code of a row.
+        scores = torch.addmm(code_sqnorm, rows - center, centred_codes.T, alpha=-2.0)
+        chosen = scores.argmin(dim=1)
+        dist = (rows - code32[chosen]).square().sum(dim=1)
+        finite = torch.isfinite(rows).all(dim=1)
+        indices[start : start + chunk_rows] = torch.where(finite, chosen, -1)
+        sq_dist[start : start + chunk_rows] = torch.where(finite, dist, float("nan"))
+    return indices, sq_dist
+
+
+def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int):
+    """Per-code row counts (float32 [K]) and row sums (float32 [K, D]) of x grouped by `indices`.
+
+    Rows whose index is outside [0, num_codes) (-1 marks a row to leave out) add nothing.
+    """
+    keep = (indices >= 0) & (indices < num_codes)
+    # Send left-out rows to an extra bin that is dropped, rather than selecting rows (a host sync on CUDA).
+    bins = torch.where(keep, indices, num_codes)
+    rows = torch.where(keep[:, None], x.float(), 0.0)
+    counts = torch.zeros(num_codes + 1, dtype=torch.float32, device=x.device)
+    sums = torch.zeros(num_codes + 1, x.shape[1], dtype=torch.float32, device=x.device)
+    counts.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float32))
+    sums.index_add_(0, bins, rows)
+    return counts[:num_codes], sums[:num_codes]
+
+
+def ema_blend_(cluster_size, embed_sum, codebook, counts, sums, decay: float, eps: float) -> None:
+    """Blend one batch's statistics into the EMA state and rebuild the codebook, in place.
+
+    cluster_size <- decay * cluster_size + (1 - decay) * counts
+    embed_sum    <- decay * embed_sum    + (1 - decay) * sums
+    codebook_k   <- embed_sum_k / smoothed_k,  with Laplace smoothing
+        smoothed_k = (cluster_size_k + eps) / (sum(cluster_size) + K * eps) * sum(cluster_size)
+    so that a code whose count has decayed to nothing is not divided by zero.
+    """
+    num_codes = cluster_size.shape[0]
+    cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
+    embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + num_codes * eps) * total
+    codebook.copy_(embed_sum / smoothed[:, None])
+
+
+def ema_update_(x, indices, cluster_size, embed_sum, codebook, decay: float, eps: float) -> torch.Tensor:
+    """Both steps: statistics of (x, indices), then the blend. Returns the batch's per-code counts."""
+    counts, sums = code_stats(x, indices, cluster_size.shape[0])
+    ema_blend_(cluster_size, embed_sum, codebook, counts, sums, decay, eps)
+    return counts
