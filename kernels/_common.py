@@ -58,3 +58,13 @@ def check_vector(name: str, tensor: torch.Tensor, length: int, dtype: torch.dtyp
         raise ValueError(f"{name} must have shape ({length},), got {tuple(tensor.shape)}")
     if tensor.dtype != dtype:
         raise TypeError(f"{name} has dtype {tensor.dtype}; expected {dtype}")
+
+
+def check_output(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """A caller-supplied output buffer: the exact shape and dtype, contiguous, on the inputs' device."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype} of shape {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
+    if tensor.device != device or not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous and on {device} (it is on {tensor.device})")

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_matrix, check_same_device, load_tile
+from ._common import check_device, check_matrix, check_output, check_same_device, load_tile
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -91,27 +91,35 @@ def _check_index_range(indices, num_codes):
                          "(negative indices mark rows to leave out; indices >= num_codes are errors)")
 
 
-def _stats_with_atomics(x, indices, num_codes):
+def _outputs(out, num_codes: int, dim: int, device: torch.device):
+    if out is None:
+        return (torch.empty(num_codes, dtype=torch.float32, device=device),
+                torch.empty(num_codes, dim, dtype=torch.float32, device=device))
+    counts, sums = out
+    check_output("out[0] (counts)", counts, (num_codes,), torch.float32, device)
+    check_output("out[1] (sums)", sums, (num_codes, dim), torch.float32, device)
+    return counts, sums
+
+
+def _stats_with_atomics(x, indices, counts, sums):
     N, D = x.shape
-    counts = torch.zeros(num_codes, dtype=torch.float32, device=x.device)
-    sums = torch.zeros(num_codes, D, dtype=torch.float32, device=x.device)
+    counts.zero_()
+    sums.zero_()
     block_n, block_d = 64, min(128, max(16, triton.next_power_of_2(D)))
     grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
     _code_stats_atomic_kernel[grid](
-        x, indices, counts, sums, N, num_codes, D, x.stride(0), x.stride(1), BLOCK_N=block_n, BLOCK_D=block_d
+        x, indices, counts, sums, N, counts.shape[0], D, x.stride(0), x.stride(1), BLOCK_N=block_n, BLOCK_D=block_d
     )
     return counts, sums
 
 
-def _stats_in_sorted_order(x, indices, num_codes):
-    N, D = x.shape
+def _stats_in_sorted_order(x, indices, counts, sums):
+    (N, D), num_codes = x.shape, counts.shape[0]
     # Left-out rows go to bin K, which sorts last and which no program reads.
     bins = torch.where((indices >= 0) & (indices < num_codes), indices.long(), num_codes)
     order = torch.argsort(bins, stable=True)
     run_start = torch.zeros(num_codes + 2, dtype=torch.int64, device=x.device)
     torch.cumsum(torch.bincount(bins, minlength=num_codes + 1), dim=0, out=run_start[1:])
-    counts = torch.empty(num_codes, dtype=torch.float32, device=x.device)
-    sums = torch.empty(num_codes, D, dtype=torch.float32, device=x.device)
     block_d = min(128, max(16, triton.next_power_of_2(D)))
     grid = (num_codes, triton.cdiv(D, block_d))
     _code_stats_sorted_kernel[grid](
@@ -121,15 +129,17 @@ def _stats_in_sorted_order(x, indices, num_codes):
 
 
 def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, deterministic: bool = False,
-               validate_indices: bool = True):
+               validate_indices: bool = True, out=None):
     """Per-code counts (float32 [K]) and sums of rows (float32 [K, D]) of x [N, D] grouped by indices [N].
 
     Negative indices leave their row out. With validate_indices (one host sync) an index >= num_codes raises;
     without it such rows are left out too. deterministic=True gives the same bits on every run.
+    out: optional (counts, sums) to write into.
     """
     _check_inputs(x, indices, num_codes)
+    counts, sums = _outputs(out, num_codes, x.shape[1], x.device)
     if validate_indices:
         _check_index_range(indices, num_codes)
     if deterministic:
-        return _stats_in_sorted_order(x, indices, num_codes)
-    return _stats_with_atomics(x, indices, num_codes)
+        return _stats_in_sorted_order(x, indices, counts, sums)
+    return _stats_with_atomics(x, indices, counts, sums)

@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune_configs, check_device, check_matrix, check_same_device, load_tile
+from ._common import (
+    INTERPRET, autotune_configs, check_device, check_matrix, check_output, check_same_device, load_tile,
+)
 
 PRECISIONS = ("exact", "fast")
 
@@ -81,12 +83,15 @@ def _nearest_code_kernel(
     if ONE_D_TILE:  # the rows stay in registers for the whole codebook sweep
         x = _centred_rows(x_ptr, center_ptr, rows, dims, stride_xn, stride_xd, N, D)
         x_sqnorm = tl.sum(x * x, axis=1)
-        x_op = x.to(prepared_ptr.dtype.element_ty)
     else:
         x_sqnorm = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             x = _centred_rows(x_ptr, center_ptr, rows, d0 + dims, stride_xn, stride_xd, N, D)
             x_sqnorm += tl.sum(x * x, axis=1)
+    # A row holding NaN or inf is searched as zeros, so that no score is NaN, and marked unmatched at the end.
+    finite = x_sqnorm < float("inf")  # NaN compares false too
+    if ONE_D_TILE:
+        x_op = tl.where(finite[:, None], x, 0.0).to(prepared_ptr.dtype.element_ty)
 
     best_score = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
     best_index = tl.zeros((BLOCK_N,), dtype=tl.int32)
@@ -100,6 +105,7 @@ def _nearest_code_kernel(
             dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 x_op = _centred_rows(x_ptr, center_ptr, rows, d0 + dims, stride_xn, stride_xd, N, D)
+                x_op = tl.where(finite[:, None], x_op, 0.0)
                 c = tl.load(prepared_ptr + codes[None, :].to(tl.int64) * D + (d0 + dims)[:, None],
                             mask=(codes[None, :] < K) & ((d0 + dims)[:, None] < D), other=0.0)
                 dots = _dot(x_op.to(c.dtype), c, dots, PRECISION, UPCAST)
@@ -118,7 +124,6 @@ def _nearest_code_kernel(
         c = load_tile(code_ptr, best_index, d0 + dims, stride_ck, stride_cd, rows < N, d0 + dims < D)
         sqdist += tl.sum((x - c) * (x - c), axis=1)
 
-    finite = x_sqnorm < float("inf")  # NaN compares false too
     row_mask = rows < N
     tl.store(index_ptr + rows, tl.where(finite, best_index, -1).to(tl.int64), mask=row_mask)
     tl.store(sqdist_ptr + rows, tl.where(finite, sqdist, float("nan")), mask=row_mask)
@@ -145,11 +150,21 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D)) if D <= 256 else 64
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "exact"):
+def _outputs(out, n: int, device: torch.device):
+    if out is None:
+        return torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, dtype=torch.float32, device=device)
+    indices, sq_dist = out
+    check_output("out[0] (indices)", indices, (n,), torch.int64, device)
+    check_output("out[1] (sq_dist)", sq_dist, (n,), torch.float32, device)
+    return indices, sq_dist
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "exact", *, out=None):
     """Index (int64 [N]) and squared L2 distance (float32 [N]) of the nearest codebook row for each row of x.
 
     x [N, D] and codebook [K, D] share a dtype (float32, bfloat16 or float16) and a CUDA device; any strides.
     See the module docstring for what `precision` ("exact" or "fast") guarantees and for non-finite rows.
+    out: optional (indices, sq_dist) to write into, e.g. buffers that a CUDA graph captured.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -162,8 +177,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "exac
 
     (N, D), K = x.shape, codebook.shape[0]
     prepared, code_sqnorm, center = _prepare_codebook(codebook, precision)
-    indices = torch.empty(N, dtype=torch.int64, device=x.device)
-    sq_dist = torch.empty(N, dtype=torch.float32, device=x.device)
+    indices, sq_dist = _outputs(out, N, x.device)
 
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _nearest_code_kernel[grid](

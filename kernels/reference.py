@@ -3,6 +3,7 @@
 Tests and benchmarks compare the Triton kernels with these, and the quantizer's `torch` backend runs them, so they
 are written to be obviously right first and reasonably fast second (chunked, no one-hot matrices). They follow
 the Triton functions' contracts, non-finite rows and skipped indices included, and check no inputs: callers do.
+They compute in fp32, or in fp64 when given fp64 inputs: the tests' high-precision oracle.
 """
 
 import torch
@@ -10,25 +11,30 @@ import torch
 DEFAULT_CHUNK_ROWS = 4096
 
 
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS):
-    """Index (int64 [N]) and squared L2 distance (float32 [N]) of the nearest codebook row, in fp32.
+    """Index (int64 [N]) and squared L2 distance (float32 [N], fp64 for fp64 inputs) of the nearest codebook row.
 
     Works through x in chunks of `chunk_rows`, so at most chunk_rows x K distances exist at once. Like the kernel,
     it centres both sides on the codebook mean (distances are unchanged; rounding error shrinks), and gives rows
     holding NaN or inf index -1 and distance NaN.
     """
-    code32 = codebook.float()
-    center = code32.mean(dim=0)
-    centred_codes = code32 - center
+    dtype = _compute_dtype(x, codebook)
+    codes = codebook.to(dtype)
+    center = codes.mean(dim=0)
+    centred_codes = codes - center
     code_sqnorm = centred_codes.square().sum(dim=1)
     indices = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    sq_dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    sq_dist = torch.empty(x.shape[0], dtype=dtype, device=x.device)
     for start in range(0, x.shape[0], chunk_rows):
-        rows = x[start : start + chunk_rows].float()
+        rows = x[start : start + chunk_rows].to(dtype)
         # score_k = |c_k|^2 - 2 x.c_k: the distance less |x|^2, which is the same for every code of a row.
         scores = torch.addmm(code_sqnorm, rows - center, centred_codes.T, alpha=-2.0)
         chosen = scores.argmin(dim=1)
-        dist = (rows - code32[chosen]).square().sum(dim=1)
+        dist = (rows - codes[chosen]).square().sum(dim=1)
         finite = torch.isfinite(rows).all(dim=1)
         indices[start : start + chunk_rows] = torch.where(finite, chosen, -1)
         sq_dist[start : start + chunk_rows] = torch.where(finite, dist, float("nan"))
@@ -36,17 +42,18 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_rows: int = DEFA
 
 
 def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int):
-    """Per-code row counts (float32 [K]) and row sums (float32 [K, D]) of x grouped by `indices`.
+    """Per-code row counts [K] and row sums [K, D] (float32, fp64 for fp64 x) of x grouped by `indices`.
 
     Rows whose index is outside [0, num_codes) (-1 marks a row to leave out) add nothing.
     """
     keep = (indices >= 0) & (indices < num_codes)
     # Send left-out rows to an extra bin that is dropped, rather than selecting rows (a host sync on CUDA).
     bins = torch.where(keep, indices, num_codes)
-    rows = torch.where(keep[:, None], x.float(), 0.0)
-    counts = torch.zeros(num_codes + 1, dtype=torch.float32, device=x.device)
-    sums = torch.zeros(num_codes + 1, x.shape[1], dtype=torch.float32, device=x.device)
-    counts.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float32))
+    dtype = _compute_dtype(x)
+    rows = torch.where(keep[:, None], x.to(dtype), 0.0)
+    counts = torch.zeros(num_codes + 1, dtype=dtype, device=x.device)
+    sums = torch.zeros(num_codes + 1, x.shape[1], dtype=dtype, device=x.device)
+    counts.index_add_(0, bins, torch.ones_like(bins, dtype=dtype))
     sums.index_add_(0, bins, rows)
     return counts[:num_codes], sums[:num_codes]
 

@@ -1,0 +1,153 @@
+"""kernels.code_stats / ema_blend_ / ema_update_ against the PyTorch reference run in fp64.
+
+Tolerance: the kernel's error against fp64 may be at most twice that of the same computation in fp32 PyTorch
+(plus a hair for sums that the fp32 reference happens to get exactly right).
+"""
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+
+SHAPES = [(1, 1, 3), (37, 5, 3), (1023, 37, 200), (130, 300, 64), (64, 7, 300)]  # (N, K, D)
+
+
+def _assert_as_close_as_fp32(got, ref32, ref64):
+    err = (got.double() - ref64).abs().max().item()
+    ref_err = (ref32.double() - ref64).abs().max().item()
+    scale = ref64.abs().max().item()
+    assert err <= 2 * ref_err + 1e-6 * scale + 1e-12, f"error {err:.3g} vs fp32 reference {ref_err:.3g}"
+
+
+def _batch(n, k, d, dtype, device, contiguous=True):
+    x = torch.randn(n, d, device=device)
+    if not contiguous:
+        x = x.T.contiguous().T
+    indices = torch.randint(-1, k, (n,), device=device)  # -1: rows to leave out
+    return x.to(dtype), indices
+
+
+def _state(k, d, device, dtype=torch.float32):
+    codebook = torch.randn(k, d, device=device)
+    cluster_size = torch.rand(k, device=device) * 5
+    return cluster_size.to(dtype), (codebook * cluster_size[:, None]).to(dtype), codebook.to(dtype)
+
+
+@pytest.mark.parametrize("n, k, d", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_code_stats(n, k, d, dtype, deterministic, device):
+    x, indices = _batch(n, k, d, dtype, device, contiguous=(n % 2 == 1))
+    counts = torch.full((k,), float("nan"), device=device)  # poison
+    sums = torch.full((k, d), float("nan"), device=device)
+    kernels.code_stats(x, indices, k, deterministic=deterministic, out=(counts, sums))
+    ref_counts32, ref_sums32 = reference.code_stats(x, indices, k)
+    ref_counts64, ref_sums64 = reference.code_stats(x.double(), indices, k)
+    torch.testing.assert_close(counts.double(), ref_counts64, rtol=0, atol=0)
+    _assert_as_close_as_fp32(sums, ref_sums32, ref_sums64)
+
+
+@pytest.mark.parametrize("indices_dtype", [torch.int32, torch.int64])
+def test_code_stats_takes_int32_indices(indices_dtype, device):
+    x, indices = _batch(100, 9, 16, torch.float32, device)
+    counts, sums = kernels.code_stats(x, indices.to(indices_dtype), 9)
+    ref_counts, ref_sums = reference.code_stats(x.double(), indices, 9)
+    torch.testing.assert_close(counts.double(), ref_counts, rtol=0, atol=0)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_mode_is_bit_identical(device):
+    # Wide dynamic range and one crowded code: any change in summation order shows in the low bits.
+    x = torch.randn(4099, 24, device=device) * torch.logspace(-3, 3, 4099, device=device)[:, None]
+    indices = torch.randint(0, 5, (4099,), device=device)
+    indices[::3] = 2
+    first = kernels.code_stats(x, indices, 5, deterministic=True)
+    for _ in range(2):
+        again = kernels.code_stats(x, indices, 5, deterministic=True)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    state = [_state(5, 24, device) for _ in range(2)]
+    state[1] = tuple(t.clone() for t in state[0])
+    for s in state:
+        kernels.ema_update_(x, indices, *s, 0.99, 1e-5, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(*state))
+
+
+@pytest.mark.parametrize("n, k, d", SHAPES)
+def test_ema_blend(n, k, d, device):
+    counts, sums = reference.code_stats(*_batch(n, k, d, torch.float32, device), k)
+    state32 = _state(k, d, device)
+    state64 = tuple(t.double() for t in state32)
+    ref32 = tuple(t.clone() for t in state32)
+    kernels.ema_blend_(*state32, counts, sums, 0.95, 1e-5)
+    reference.ema_blend_(*ref32, counts, sums, 0.95, 1e-5)
+    reference.ema_blend_(*state64, counts.double(), sums.double(), 0.95, 1e-5)
+    for got, r32, r64 in zip(state32, ref32, state64):
+        _assert_as_close_as_fp32(got, r32, r64)
+
+
+def test_ema_blend_on_strided_state(device):
+    cluster_size, embed_sum, codebook = _state(33, 20, device)
+    embed_sum_t = embed_sum.T.contiguous().T  # column-major state, updated in place through its strides
+    codebook_t = codebook.T.contiguous().T
+    counts, sums = reference.code_stats(*_batch(90, 33, 20, torch.float32, device), 33)
+    expected = (cluster_size.clone(), embed_sum.clone(), codebook.clone())
+    reference.ema_blend_(*expected, counts, sums, 0.9, 1e-5)
+    kernels.ema_blend_(cluster_size, embed_sum_t, codebook_t, counts, sums.T.contiguous().T, 0.9, 1e-5)
+    for got, want in zip((cluster_size, embed_sum_t, codebook_t), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_ema_update_matches_reference(deterministic, device):
+    x, indices = _batch(1023, 37, 200, torch.bfloat16, device)
+    state = _state(37, 200, device)
+    ref32 = tuple(t.clone() for t in state)
+    ref64 = tuple(t.double() for t in state)
+    counts = kernels.ema_update_(x, indices, *state, 0.99, 1e-5, deterministic=deterministic)
+    reference.ema_update_(x, indices, *ref32, 0.99, 1e-5)
+    ref_counts = reference.ema_update_(x.double(), indices, *ref64, 0.99, 1e-5)
+    torch.testing.assert_close(counts.double(), ref_counts, rtol=0, atol=0)
+    for got, r32, r64 in zip(state, ref32, ref64):
+        _assert_as_close_as_fp32(got, r32, r64)
+
+
+def test_codes_sitting_on_their_rows_do_not_move(device):
+    """Counts equal to the state and rows equal to the codes: the blend is a fixed point (up to smoothing)."""
+    cluster_size, embed_sum, codebook = _state(16, 8, device)
+    cluster_size.fill_(3.0)
+    embed_sum.copy_(codebook * 3.0)
+    before = codebook.clone()
+    x = codebook.repeat(3, 1)
+    kernels.ema_update_(x, torch.arange(16, device=device).repeat(3), cluster_size, embed_sum, codebook, 0.9, 1e-5)
+    torch.testing.assert_close(codebook, before, rtol=1e-6, atol=1e-6)
+
+
+def _rejects_without_touching_state(call, error, match, device):
+    state = _state(6, 4, device)
+    before = tuple(t.clone() for t in state)
+    with pytest.raises(error, match=match):
+        call(*state)
+    assert all(torch.equal(a, b) for a, b in zip(state, before)), "a rejected call changed the state"
+
+
+def test_bad_inputs_are_named_and_leave_the_state_alone(device):
+    x, indices = _batch(10, 6, 4, torch.float32, device)
+    cases = [
+        (lambda *s: kernels.ema_update_(x[:, :3], indices, *s, 0.99, 1e-5), ValueError, "x has 3 columns, expected 4"),
+        (lambda *s: kernels.ema_update_(x, indices[:9], *s, 0.99, 1e-5), ValueError, r"indices must have shape \(10,\)"),
+        (lambda *s: kernels.ema_update_(x, indices.float(), *s, 0.99, 1e-5), TypeError, "indices must be an int64"),
+        (lambda *s: kernels.ema_update_(x, indices + 6, *s, 0.99, 1e-5), ValueError, "out of range for num_codes=6"),
+        (lambda *s: kernels.ema_update_(x, indices, *s, 1.5, 1e-5), ValueError, r"decay must be in \[0, 1\)"),
+        (lambda *s: kernels.ema_update_(x, indices, *s, 0.99, 0.0), ValueError, "eps must be positive"),
+        (lambda *s: kernels.ema_update_(x[:0], indices[:0], *s, 0.99, 1e-5), ValueError, "x is empty"),
+        (lambda cs, es, cb: kernels.ema_update_(x, indices, cs[:5], es, cb, 0.99, 1e-5), ValueError,
+         r"cluster_size must have shape \(6,\)"),
+        (lambda cs, es, cb: kernels.ema_update_(x, indices, cs, es.double(), cb, 0.99, 1e-5), TypeError,
+         "embed_sum has dtype torch.float64"),
+        (lambda cs, es, cb: kernels.ema_blend_(cs, es, cb, torch.ones(6), torch.ones(5, 4), 0.99, 1e-5),
+         ValueError, "sums has 5 rows but codebook has 6"),
+        (lambda *s: kernels.code_stats(x.to("meta"), indices.to("meta"), 6), ValueError, "x is on meta"),
+    ]
+    for call, error, match in cases:
+        _rejects_without_touching_state(call, error, match, device)
