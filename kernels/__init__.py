@@ -1,7 +1,11 @@
-"""Triton kernels of the EMA vector quantizer. Plain PyTorch references of the same functions: `kernels.reference`."""
+"""Triton kernels of the EMA vector quantizer. Plain PyTorch references of the same functions: `kernels.reference`.
 
-from .code_stats import code_stats
-from .ema_update import ema_blend_, ema_update_
-from .nearest_code import PRECISIONS, nearest_code
+Each function also exists as a PyTorch custom op (`*_op`, namespace `vq_kernels`) for use under torch.compile.
+"""
 
-__all__ = ["PRECISIONS", "code_stats", "ema_blend_", "ema_update_", "nearest_code"]
+from .code_stats import code_stats, code_stats_op
+from .ema_update import ema_blend_, ema_blend_op, ema_update_
+from .nearest_code import PRECISIONS, nearest_code, nearest_code_op
+
+__all__ = ["PRECISIONS", "code_stats", "code_stats_op", "ema_blend_", "ema_blend_op", "ema_update_", "nearest_code",
+           "nearest_code_op"]

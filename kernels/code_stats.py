@@ -118,8 +118,11 @@ def _stats_in_sorted_order(x, indices, counts, sums):
     # Left-out rows go to bin K, which sorts last and which no program reads.
     bins = torch.where((indices >= 0) & (indices < num_codes), indices.long(), num_codes)
     order = torch.argsort(bins, stable=True)
+    # index_add rather than bincount, whose output size depends on the data (a host sync on CUDA).
+    run_length = torch.zeros(num_codes + 1, dtype=torch.int64, device=x.device).index_add_(
+        0, bins, torch.ones_like(bins))
     run_start = torch.zeros(num_codes + 2, dtype=torch.int64, device=x.device)
-    torch.cumsum(torch.bincount(bins, minlength=num_codes + 1), dim=0, out=run_start[1:])
+    torch.cumsum(run_length, dim=0, out=run_start[1:])
     block_d = min(128, max(16, triton.next_power_of_2(D)))
     grid = (num_codes, triton.cdiv(D, block_d))
     _code_stats_sorted_kernel[grid](
@@ -143,3 +146,16 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, determ
     if deterministic:
         return _stats_in_sorted_order(x, indices, counts, sums)
     return _stats_with_atomics(x, indices, counts, sums)
+
+
+# As a PyTorch custom op, torch.compile sees one opaque call with a known output shape instead of tracing into
+# the launcher, and models that contain the quantizer compile without graph breaks.
+@torch.library.custom_op("vq_kernels::code_stats", mutates_args=())
+def code_stats_op(x: torch.Tensor, indices: torch.Tensor, num_codes: int,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return code_stats(x, indices, num_codes, deterministic=deterministic, validate_indices=False)
+
+
+@code_stats_op.register_fake
+def _(x, indices, num_codes, deterministic):
+    return x.new_empty(num_codes, dtype=torch.float32), x.new_empty(num_codes, x.shape[1], dtype=torch.float32)

@@ -121,3 +121,14 @@ def ema_update_(x, indices, cluster_size, embed_sum, codebook, decay: float, eps
                               validate_indices=validate_indices)
     _launch_blend(cluster_size, embed_sum, codebook, counts, sums, decay, eps)
     return counts
+
+
+@torch.library.custom_op("vq_kernels::ema_blend_", mutates_args=("cluster_size", "embed_sum", "codebook"))
+def ema_blend_op(cluster_size: torch.Tensor, embed_sum: torch.Tensor, codebook: torch.Tensor, counts: torch.Tensor,
+                 sums: torch.Tensor, decay: float, eps: float) -> None:
+    ema_blend_(cluster_size, embed_sum, codebook, counts, sums, decay, eps)
+
+
+@ema_blend_op.register_fake
+def _(cluster_size, embed_sum, codebook, counts, sums, decay, eps):
+    return None

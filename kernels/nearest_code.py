@@ -189,3 +189,15 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "exac
         UPCAST=INTERPRET,
     )
     return indices, sq_dist
+
+
+# As a PyTorch custom op, torch.compile sees one opaque call with a known output shape instead of tracing into
+# the launcher (and its autotuner), and models that contain the quantizer compile without graph breaks.
+@torch.library.custom_op("vq_kernels::nearest_code", mutates_args=())
+def nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return nearest_code(x, codebook, precision)
+
+
+@nearest_code_op.register_fake
+def _(x, codebook, precision):
+    return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.float32)
