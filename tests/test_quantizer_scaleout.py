@@ -60,10 +60,11 @@ def test_accumulated_micro_batches_make_one_ema_step(backend):
     accumulated = _fixed_start(VectorQuantizerEMA(K, D, backend=backend, dead_code_threshold=0.0))
     whole = _fixed_start(VectorQuantizerEMA(K, D, backend=backend, dead_code_threshold=0.0))
     before = accumulated.codebook.clone()
-    with accumulated.accumulate():
+    with accumulated.accumulate() as step:
         outs = [accumulated(x) for x in micro]
         assert torch.equal(accumulated.codebook, before), "the codebook must wait for the end of the block"
     ref = whole(torch.cat(micro))
+    assert step.dead_codes == ref.dead_codes
     assert torch.equal(torch.cat([o.indices for o in outs]), ref.indices)
     for name in ("codebook", "cluster_size", "embed_sum"):
         torch.testing.assert_close(getattr(accumulated, name), getattr(whole, name), rtol=1e-5, atol=1e-6)

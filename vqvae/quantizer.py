@@ -75,6 +75,7 @@ class _PendingStats:
     sums: torch.Tensor | None = None
     candidates: torch.Tensor | None = None
     candidate_ok: torch.Tensor | None = None
+    dead_codes: torch.Tensor | None = None  # set when the block ends: codes found dead by its EMA step
 
     def add(self, counts, sums, candidates, candidate_ok) -> None:
         if self.counts is None:
@@ -150,22 +151,23 @@ class VectorQuantizerEMA(nn.Module):
         """Gradient accumulation: inside the block, training forwards only gather EMA statistics; on leaving it,
         the codebook takes one EMA step with the statistics of every micro-batch, as if they were one batch.
 
-            with quantizer.accumulate():
+            with quantizer.accumulate() as step:
                 for micro_batch in chunks:
                     model(micro_batch).loss.backward()
             optimizer.step()
+            step.dead_codes   # codes found dead (and re-seeded) by that EMA step
         """
         if self._pending is not None:
             raise RuntimeError("quantizer.accumulate() blocks cannot be nested")
-        self._pending = _PendingStats()
+        pending = self._pending = _PendingStats()
         try:
-            yield self
-            pending = self._pending
+            yield pending
         finally:
             self._pending = None
         if pending.counts is not None:
             with torch.no_grad(), torch.autocast(device_type=pending.counts.device.type, enabled=False):
-                self._commit(pending.counts, pending.sums, pending.candidates, pending.candidate_ok)
+                dead = self._commit(pending.counts, pending.sums, pending.candidates, pending.candidate_ok)
+            pending.dead_codes = dead.sum()
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors (float32, shape (*indices.shape, dim), channels-last) for a grid of code indices."""

@@ -1,0 +1,163 @@
+"""The three data sources, the sample transform, the split, and the resumable batch order."""
+
+import os
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqvae.config import DataConfig
+from vqvae.data import (DataError, ImageDataset, ResumableBatchSampler, builtin_source, folder_source, hf_source,
+                        make_datasets, make_loader, split_source)
+
+
+def save_image(path, mode: str, size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "images"
+    save_image(root / "a.jpg", "RGB")
+    save_image(root / "b.png", "L")  # grayscale
+    save_image(root / "nested" / "c.png", "RGBA")
+    save_image(root / "nested" / "deeper" / "d.webp", "RGB")
+    (root / "notes.txt").write_text("not an image, and not an image suffix either")
+    (root / "broken.jpg").write_bytes(b"this is no jpeg")
+    good = root / "e.png"
+    save_image(good, "RGB")
+    (root / "truncated.png").write_bytes(good.read_bytes()[:60])
+    (root / "empty.webp").write_bytes(b"")
+    return root
+
+
+def test_builtin_photographs_load_without_network():
+    source = builtin_source()
+    assert len(source) >= 8
+    for i in range(len(source)):
+        image = source.load(i)
+        assert image.mode == "RGB" and min(image.size) >= 100
+
+
+def test_folder_source_is_recursive_converts_to_rgb_and_skips_corrupt_files(image_folder, capsys):
+    source = folder_source(str(image_folder))
+    names = sorted(os.path.basename(p) for p in source.items)
+    assert names == ["a.jpg", "b.png", "c.png", "d.webp", "e.png"]
+    assert source.skipped == 3
+    err = capsys.readouterr().err
+    assert "skipped 3 unreadable image file(s) of 8" in err and "broken.jpg" in err
+    dataset = ImageDataset(source, 16, 1.0, True, seed=0)
+    for i in range(len(dataset)):
+        x = dataset[i]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+        assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_a_file_that_fails_late_is_skipped_with_a_warning(tmp_path):
+    save_image(tmp_path / "good.png", "RGB")
+    save_image(tmp_path / "late.jpg", "RGB")
+    source = folder_source(str(tmp_path))
+    # corrupt one after the start-up check, as a file changed on disk mid-run would be
+    path = [p for p in source.items if p.endswith("late.jpg")][0]
+    with open(path, "r+b") as f:
+        f.truncate(200)
+    dataset = ImageDataset(source, 8, 1.0, False, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = torch.stack([dataset[i] for i in range(len(dataset))])
+    assert batch.shape == (2, 3, 8, 8)
+    assert any("late.jpg" in str(w.message) for w in caught)
+
+
+def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="image folder not found: .*nowhere"):
+        folder_source(str(tmp_path / "nowhere"))
+    (tmp_path / "x.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match="no readable jpg, png or webp images"):
+        folder_source(str(tmp_path))
+
+
+def test_unreachable_hub_dataset_fails_fast_and_says_what_to_do(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = DataConfig(source="hf", name="vqvae-triton-tests/no-such-dataset", cache_dir=str(tmp_path / "cache"))
+    start = time.perf_counter()
+    message = r"HF_HUB_OFFLINE is set and no cached copy.*--data\.source=folder --data\.path"
+    with pytest.raises(DataError, match=message):
+        hf_source(cfg)
+    assert time.perf_counter() - start < 30
+
+
+def test_samples_are_a_function_of_seed_epoch_and_index():
+    source = builtin_source()
+    dataset = ImageDataset(source, 24, 0.3, True, seed=5, length=50)
+    again = ImageDataset(source, 24, 0.3, True, seed=5, length=50)
+    assert torch.equal(dataset[(3, 7)], again[(3, 7)])
+    assert not torch.equal(dataset[(3, 7)], dataset[(4, 7)])
+    assert not torch.equal(dataset[(3, 7)], ImageDataset(source, 24, 0.3, True, seed=6, length=50)[(3, 7)])
+
+
+def test_split_holds_out_whole_images_deterministically():
+    source = builtin_source()
+    train, val = split_source(source, 0.2, seed=1)
+    assert len(val) >= 1 and len(train) + len(val) == len(source)
+    assert not set(train.items) & set(val.items)
+    assert split_source(source, 0.2, seed=1)[1].items == val.items
+
+
+def test_batch_sampler_resumes_where_it_stopped_across_epochs():
+    full = ResumableBatchSampler(10, 3, seed=4)  # 3 batches an epoch, the odd sample dropped
+    it = iter(full)
+    first = [next(it) for _ in range(8)]
+    assert [k[0][0] for k in first] == [0, 0, 0, 1, 1, 1, 2, 2]  # epochs
+    epoch0 = [i for b in first[:3] for _, i in b]
+    assert len(set(epoch0)) == 9  # no repeats within an epoch
+    assert epoch0 != [i for b in first[3:6] for _, i in b]  # a fresh order each epoch
+    resumed = iter(ResumableBatchSampler(10, 3, seed=4, start_batch=5))
+    assert [next(resumed) for _ in range(3)] == first[5:8]
+    with pytest.raises(DataError, match="fewer than one batch"):
+        ResumableBatchSampler(2, 3, seed=0)
+
+
+def test_loader_batches_do_not_depend_on_worker_count():
+    cfg = DataConfig(image_size=16, crop_scale=0.5, samples_per_epoch=12, val_samples=4)
+    train, val = make_datasets(cfg, seed=0)
+    single = iter(make_loader(train, 4, num_workers=0, seed=0))
+    multi = iter(make_loader(train, 4, num_workers=2, seed=0))
+    for _ in range(4):  # past the end of the first epoch
+        assert torch.equal(next(single), next(multi))
+    val_batches = list(make_loader(val, 3, num_workers=0, train=False))
+    assert [b.shape[0] for b in val_batches] == [3, 1]
+    assert torch.equal(torch.cat(val_batches), torch.cat(list(make_loader(val, 3, 0, train=False))))
+
+
+def test_hub_dataset_rows_become_training_images(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)) for i in range(6)]
+    images[2] = images[2].convert("L")
+    table = datasets.Dataset.from_dict(
+        {"image": images, "text": [f"caption {i}" for i in range(6)]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+    calls = []
+
+    def fake_load_dataset(name, split, cache_dir):
+        calls.append((name, split, cache_dir))
+        return table
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = DataConfig(source="hf", name="someone/pictures", image_size=16, val_fraction=0.34)
+    train, val = make_datasets(cfg, seed=0)
+    assert calls == [("someone/pictures", "train", None)]
+    assert (len(train), len(val)) == (4, 2)
+    batches = list(make_loader(val, 2, num_workers=0, train=False))
+    assert batches[0].shape == (2, 3, 16, 16)
+    with pytest.raises(DataError, match=r"no column 'pixels' \(data\.image_key\); its columns are"):
+        hf_source(DataConfig(source="hf", name="someone/pictures", image_key="pixels"))

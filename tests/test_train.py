@@ -1,0 +1,201 @@
+"""The trainer on the CPU with the built-in photographs: it learns, logs, checkpoints, resumes exactly, survives
+a crash while saving, reports bad input clearly; and the encoder CLI writes code grids that decode."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vqvae.checkpoint as checkpoint
+import vqvae.train as train_module
+from vqvae.config import Config, ConfigError, config_to_dict
+from vqvae.encode import encode
+from vqvae.train import load_model, main, train
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+
+
+def tiny_config(out_dir: Path, **train_overrides) -> Config:
+    cfg = Config()
+    cfg.data.source, cfg.data.image_size, cfg.data.crop_scale = "builtin", 32, 0.3
+    cfg.data.samples_per_epoch, cfg.data.val_samples, cfg.data.num_workers = 64, 8, 0
+    cfg.model.hidden_channels, cfg.model.residual_layers, cfg.model.residual_hidden = 16, 1, 8
+    cfg.model.embedding_dim, cfg.quantizer.num_codes = 16, 64
+    cfg.quantizer.decay = 0.9  # a short run: unused codes must die (and be re-seeded) within a few steps
+    cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps = 3e-3, 3e-4, 2
+    cfg.train.out_dir, cfg.train.batch_size, cfg.train.max_steps = str(out_dir), 8, 10
+    cfg.train.eval_every = cfg.train.ckpt_every = 1000
+    cfg.wandb.mode = "disabled"
+    for key, value in train_overrides.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def read_metrics(run_dir: Path, prefix: str = "train/") -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if any(k.startswith(prefix) for k in r)]
+
+
+def test_a_few_steps_learn_log_and_write_checkpoints_grids_and_an_offline_wandb_run(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(run_dir, max_steps=40, eval_every=20, ckpt_every=10, keep_last=2)
+    cfg.wandb.mode = "offline" if _has_wandb() else "disabled"
+    summary = train(cfg)
+
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for key in ("recon_loss", "vq_loss", "perplexity", "usage", "window_usage", "dead_codes", "lr",
+                "images_per_sec"):
+        assert all(np.isfinite(r[f"train/{key}"]) for r in rows), key
+    first = np.mean([r["train/recon_loss"] for r in rows[:5]])
+    last = np.mean([r["train/recon_loss"] for r in rows[-10:]])
+    assert last < 0.75 * first, (first, last)
+    assert np.mean([r["train/perplexity"] for r in rows[-10:]]) > 8  # far from collapse onto a few codes
+    evals = read_metrics(run_dir, "val/")
+    assert [r["step"] for r in evals] == [20, 40]
+    assert all(r["val/psnr"] > 0 and r["val/perplexity"] >= 1 for r in evals)
+
+    assert sorted(p.name for p in run_dir.glob("ckpt_*.pt")) == ["ckpt_0000030.pt", "ckpt_0000040.pt"]
+    assert (run_dir / "best.pt").is_file()
+    assert (run_dir / "recon_0000040.png").is_file()
+    assert not list(run_dir.glob(".*.tmp"))
+    ckpt = checkpoint.load_checkpoint(run_dir / "ckpt_0000040.pt")
+    assert ckpt["step"] == 40 and ckpt["config"] == config_to_dict(cfg)
+    assert {"model", "optimizer", "scheduler", "rng", "progress"} <= set(ckpt)
+    assert bool(ckpt["model"]["quantizer.initialized"])
+    if cfg.wandb.mode == "offline":
+        assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert summary["last_recon_loss"] < summary["first_recon_loss"]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch, grad_accum):
+    # an evaluation at the checkpoint, gradient accumulation, and a fast EMA decay (so dead codes are re-seeded
+    # from torch's RNG within the run) all have to survive the interruption
+    def config(run_dir):
+        cfg = tiny_config(run_dir, max_steps=14, ckpt_every=7, eval_every=7, grad_accum=grad_accum)
+        cfg.quantizer.decay = 0.7
+        return cfg
+
+    train(config(tmp_path / "straight"))
+    reference = read_metrics(tmp_path / "straight")
+
+    real_step, calls = train_module.train_step, {"n": 0}
+
+    def crash_in_step_ten(*args, **kwargs):  # two steps after the checkpoint at step 7
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", crash_in_step_ten)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "resumed"))
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    summary = train(config(tmp_path / "resumed"))  # resume=auto picks up ckpt_0000007.pt
+    assert summary["steps"] == 7
+
+    resumed = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == list(range(1, 15))  # steps 8 and 9 of the crashed run dropped
+    assert any(r["train/dead_codes"] > 0 for r in reference), "the test should exercise dead-code restarts"
+    for a, b in zip(reference, resumed):
+        for key in ("train/recon_loss", "train/vq_loss", "train/perplexity", "train/window_usage", "train/lr"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+    final_a = checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt_0000014.pt")["model"]
+    final_b = checkpoint.load_checkpoint(tmp_path / "resumed" / "ckpt_0000014.pt")["model"]
+    for key in final_a:
+        torch.testing.assert_close(final_a[key], final_b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = checkpoint.checkpoint_path(tmp_path, 5)
+    checkpoint.save_checkpoint(path, {"step": 5, "weights": torch.arange(4.0)})
+
+    def torn_save(state, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_checkpoint(path, {"step": 6, "weights": torch.zeros(4)})
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(checkpoint.checkpoint_path(tmp_path, 6), {"step": 6})
+    monkeypatch.undo()
+
+    survivor = checkpoint.load_checkpoint(path)
+    assert survivor["step"] == 5 and torch.equal(survivor["weights"], torch.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000005.pt"]  # no torn or temporary files
+    assert checkpoint.latest_checkpoint(tmp_path) == path
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(tiny_config(tmp_path / "run", max_steps=2))
+    cfg = tiny_config(tmp_path / "run", max_steps=4)
+    cfg.quantizer.num_codes = 32
+    with pytest.raises(ConfigError, match=r"quantizer\.num_codes is 32 in the config but 64 in the checkpoint"):
+        train(cfg)
+
+
+def test_a_finished_run_does_nothing_and_never_refuses_to_overwrite(tmp_path, capsys):
+    train(tiny_config(tmp_path / "run", max_steps=2))
+    summary = train(tiny_config(tmp_path / "run", max_steps=2))
+    assert summary["steps"] == 0 and "nothing to do" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(tiny_config(tmp_path / "run", max_steps=2, resume="never"))
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(tiny_config(tmp_path / "empty", max_steps=2, resume="latest"))
+
+
+def test_command_line_errors_name_the_key_and_the_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_step: 5\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.max_step'" in err and "bad.yaml" in err
+
+
+def test_naruto_config_fails_fast_without_the_hub(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(CONFIG_DIR / "vqvae_naruto.yaml"), f"--data.cache_dir={tmp_path / 'cache'}",
+              f"--train.out_dir={tmp_path / 'run'}", "--wandb.mode=disabled"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lambdalabs/naruto-blip-captions" in err and "no cached copy" in err
+    assert "--data.source=folder" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_encode_writes_code_grids_that_decode_to_the_reconstructions(tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, max_steps=6))
+    meta = encode(run_dir / "ckpt_0000006.pt", tmp_path / "codes", split="all", batch_size=16, num_recon=4,
+                  device="cpu")
+    assert meta["grid"] == [8, 8] and meta["splits"]["val"]["count"] == 8
+    codes = np.load(tmp_path / "codes" / "codes_val.npy")
+    assert codes.shape == (8, 8, 8) and codes.dtype == np.uint16 and codes.max() < 64
+    assert np.load(tmp_path / "codes" / "codes_train.npy").shape == (64, 8, 8)
+    assert len(list((tmp_path / "codes" / "recon_val").glob("*.png"))) == 4
+    assert json.loads((tmp_path / "codes" / "meta.json").read_text())["step"] == 6
+
+    model, cfg, _ = load_model(run_dir / "ckpt_0000006.pt")
+    from vqvae.data import make_datasets
+    images = torch.stack([make_datasets(cfg.data, cfg.train.seed, augment=False)[1][i] for i in range(8)])
+    grid = torch.from_numpy(codes.astype(np.int64))
+    assert torch.equal(model.encode(images), grid)
+    with torch.no_grad():
+        recon, _ = model(images)
+    torch.testing.assert_close(model.decode_codes(grid), recon)
+
+
+def _has_wandb() -> bool:
+    try:
+        import wandb  # noqa: F401
+        return True
+    except ImportError:
+        return False

@@ -1,0 +1,124 @@
+"""The VQ-VAE: a convolutional encoder, the EMA vector quantizer, and a mirrored decoder.
+
+With the seed configuration a 3 x 128 x 128 image becomes a 32 x 32 grid of indices into 4096 codes of 256
+dimensions (two stride-2 stages), and the decoder turns a code grid back into an image. The layout follows the
+original VQ-VAE (van den Oord et al., 2017): strided 4x4 convolutions, a stack of ReLU residual blocks, and no
+normalisation layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from vqvae.config import Config
+from vqvae.quantizer import QuantizerOutput, VectorQuantizerEMA
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
+
+
+class ResidualStack(nn.Module):
+    def __init__(self, channels: int, hidden: int, layers: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualBlock(channels, hidden) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return torch.relu(x)
+
+
+def stage_widths(hidden: int, num_downsamples: int) -> list[int]:
+    """Channel widths after each stride-2 stage, doubling up to ``hidden``: [64, 128] for (128, 2)."""
+    return [hidden // 2 ** (num_downsamples - 1 - i) for i in range(num_downsamples)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, in_channels: int, hidden: int, num_downsamples: int, res_layers: int, res_hidden: int):
+        super().__init__()
+        layers, width = [], in_channels
+        for i, out in enumerate(stage_widths(hidden, num_downsamples)):
+            layers.append(nn.Conv2d(width, out, 4, stride=2, padding=1))
+            if i < num_downsamples - 1:
+                layers.append(nn.ReLU())
+            width = out
+        layers.append(nn.Conv2d(width, hidden, 3, padding=1))
+        self.net = nn.Sequential(*layers, ResidualStack(hidden, res_hidden, res_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, dim: int, out_channels: int, hidden: int, num_downsamples: int, res_layers: int,
+                 res_hidden: int):
+        super().__init__()
+        layers = [nn.Conv2d(dim, hidden, 3, padding=1), ResidualStack(hidden, res_hidden, res_layers)]
+        widths = stage_widths(hidden, num_downsamples)[::-1][1:] + [out_channels]
+        width = hidden
+        for i, out in enumerate(widths):
+            layers.append(nn.ConvTranspose2d(width, out, 4, stride=2, padding=1))
+            if i < num_downsamples - 1:
+                layers.append(nn.ReLU())
+            width = out
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m, q = cfg.model, cfg.quantizer
+        self.encoder = Encoder(m.in_channels, m.hidden_channels, m.num_downsamples, m.residual_layers,
+                               m.residual_hidden)
+        self.pre_quant = nn.Conv2d(m.hidden_channels, m.embedding_dim, 1)
+        self.quantizer = VectorQuantizerEMA(
+            num_codes=q.num_codes, dim=m.embedding_dim, decay=q.decay, eps=q.eps,
+            commitment_weight=q.commitment_weight, backend=q.backend, precision=q.precision,
+            dead_code_threshold=q.dead_code_threshold, deterministic=q.deterministic,
+            layout="channels_first")  # said, not guessed: a 16 x 16 grid of 16-d codes would be ambiguous
+        self.decoder = Decoder(m.embedding_dim, m.in_channels, m.hidden_channels, m.num_downsamples,
+                               m.residual_layers, m.residual_hidden)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """images (B, C, H, W) in [-1, 1] -> (reconstruction (B, C, H, W), the quantizer's outputs).
+
+        In training mode this moves the codebook (EMA); in eval mode it does not.
+        """
+        q = self.quantizer(self.pre_quant(self.encoder(images)))
+        return self.decoder(q.quantized), q
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) -> code grid (B, H / 2**n, W / 2**n) int64. Never moves the codebook."""
+        was_training = self.quantizer.training
+        self.quantizer.eval()
+        try:
+            return self.quantizer(self.pre_quant(self.encoder(images))).indices
+        finally:
+            self.quantizer.train(was_training)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """code grid (B, h, w) int64 -> images (B, C, h * 2**n, w * 2**n), roughly in [-1, 1]."""
+        z = self.quantizer.lookup(codes).permute(0, 3, 1, 2)
+        dtype = next(self.decoder.parameters()).dtype
+        return self.decoder(z.to(dtype).contiguous())
+
+
+def build_model(cfg: Config) -> VQVAE:
+    return VQVAE(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

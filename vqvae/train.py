@@ -1,0 +1,496 @@
+"""Train the VQ-VAE.
+
+    python -m vqvae.train --config config/vqvae_quickstart.yaml
+    python -m vqvae.train --config config/vqvae_naruto.yaml --train.max_steps=50000 --set wandb.mode=online
+    python -m vqvae.train --config config/vqvae_naruto.yaml --resume            # continue the run in train.out_dir
+    python -m vqvae.train --config config/vqvae_naruto.yaml --resume runs/naruto/ckpt_0004000.pt
+
+Every step logs the reconstruction loss, the VQ (commitment) loss, perplexity, codebook usage, the learning
+rate and images per second to a progress bar, to ``metrics.jsonl`` in the run folder and to Weights & Biases
+(offline by default). Every ``train.eval_every`` steps the validation split is scored and a grid of originals
+next to their reconstructions is written; every ``train.ckpt_every`` steps a checkpoint is written.
+
+A run folder that already holds checkpoints is resumed from the newest (``train.resume=auto``). A resumed run
+gives the same losses as an uninterrupted one: the checkpoint holds the RNG states, and the batches depend only
+on (seed, epoch, position), so the loader restarts at the next unseen batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vqvae.checkpoint import (BEST_NAME, CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
+                              load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state)
+from vqvae.config import (Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, config_to_yaml,
+                          load_config, validate)
+from vqvae.data import DataError, make_datasets, make_loader
+from vqvae.images import reconstruction_grid, usage_histogram
+from vqvae.model import VQVAE, build_model, count_parameters
+
+
+# ---- setup ----
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available (use train.device=cpu or auto)")
+    return torch.device(name)
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    """bf16 autocast for the convolutions on CUDA; the quantizer keeps its codebook maths in fp32 itself."""
+    if device.type == "cuda" and cfg.train.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    # decay the conv weights only, as usual: biases gain nothing from it. The codebook is a buffer (EMA), so
+    # the optimizer never touches it.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused)
+
+
+class WarmupCosine:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to min_lr / lr at max_steps.
+
+    A class rather than a lambda so that LambdaLR's state_dict records its numbers.
+    """
+
+    def __init__(self, warmup_steps: int, max_steps: int, min_ratio: float):
+        self.warmup_steps, self.max_steps, self.min_ratio = warmup_steps, max_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    factor = WarmupCosine(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr / cfg.optim.lr
+                          if cfg.optim.lr > 0 else 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resume_path(cfg: Config, run_dir: Path) -> Path | None:
+    mode = cfg.train.resume
+    if mode == "never":
+        if list_checkpoints(run_dir):
+            raise ConfigError(f"train.resume is 'never' but {run_dir} already holds checkpoints; choose another "
+                              f"train.out_dir, delete them, or resume")
+        return None
+    if mode in ("auto", "latest"):
+        path = latest_checkpoint(run_dir)
+        if path is None and mode == "latest":
+            raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) in {run_dir}")
+        return path
+    path = Path(mode)
+    if not path.is_file():
+        raise ConfigError(f"train.resume: checkpoint not found: {path}")
+    return path
+
+
+def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
+    """The model's shapes must match the checkpoint's; anything else may change on resuming (max_steps, the
+    learning rate, the EMA decay...), though then the run no longer repeats an uninterrupted one."""
+    ours, theirs = config_to_dict(cfg), config_to_dict(config_from_dict(saved, source=f"checkpoint {path}",
+                                                                        check=False))
+    keys = [("model", key) for key in ours["model"]] + [("quantizer", "num_codes")]
+    for section, key in keys:
+        if ours[section][key] != theirs[section][key]:
+            raise ConfigError(f"cannot resume from {path}: {section}.{key} is {ours[section][key]!r} in the config "
+                              f"but {theirs[section][key]!r} in the checkpoint")
+
+
+def start_wandb(cfg: Config, run_dir: Path, run_id: str | None):
+    if cfg.wandb.mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("wandb is not installed: logging to metrics.jsonl only (pip install wandb, or set "
+              "wandb.mode=disabled to silence this)", file=sys.stderr)
+        return None
+    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None,
+                      name=cfg.wandb.name or run_dir.name, dir=str(run_dir), mode=cfg.wandb.mode,
+                      config=config_to_dict(cfg), id=run_id, resume="allow" if run_id else None,
+                      settings=wandb.Settings(console="off", silent=True))
+
+
+# ---- one step, evaluation ----
+
+def recon_loss_fn(kind: str):
+    return F.mse_loss if kind == "mse" else F.l1_loss
+
+
+def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device: torch.device,
+               usage: CodeUsage) -> dict[str, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches.
+
+    The quantizer's EMA sees each micro-batch once: with accumulation, inside ``quantizer.accumulate()``, which
+    sums the micro-batches' statistics and moves the codebook once at the end, as for one large batch (so every
+    micro-batch is quantized against the same codebook, and ``quantizer.decay`` keeps its per-step meaning).
+    """
+    model.train()
+    loss_fn = recon_loss_fn(cfg.train.recon_loss)
+    accum = cfg.train.grad_accum
+    totals = torch.zeros(4, device=device)  # recon, vq, perplexity, batch usage
+    with model.quantizer.accumulate() if accum > 1 else contextlib.nullcontext() as ema_step:
+        for _ in range(accum):
+            images = next(batches).to(device, non_blocking=True)
+            with autocast_context(cfg, device):
+                recon, q = model(images)
+            recon_loss = loss_fn(recon.float(), images)
+            ((recon_loss + q.loss.float()) / accum).backward()
+            totals += torch.stack([recon_loss.detach(), q.loss.detach().float(), q.perplexity.float(),
+                                   q.usage.float()]) / accum
+            usage.update(q.indices)
+    if cfg.optim.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    else:
+        grad_norm = torch.zeros((), device=device)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"recon_loss": totals[0], "vq_loss": totals[1], "perplexity": totals[2], "usage": totals[3],
+            "window_usage": usage.fraction(), "dead_codes": q.dead_codes if accum == 1 else ema_step.dead_codes,
+            "grad_norm": grad_norm}
+
+
+class CodeUsage:
+    """Which codes were chosen in the last ``window`` steps: one "last seen" step per code, kept on the device."""
+
+    def __init__(self, num_codes: int, window: int, device: torch.device):
+        self.num_codes, self.window, self.step = num_codes, window, 0
+        # one extra slot takes the -1 index of non-finite vectors, without a host sync to filter them out
+        self.last_seen = torch.full((num_codes + 1,), -(2 ** 62), dtype=torch.int64, device=device)
+
+    def update(self, indices: torch.Tensor) -> None:
+        flat = indices.reshape(-1)
+        self.last_seen.index_fill_(0, torch.where(flat >= 0, flat, self.num_codes), self.step)
+
+    def advance(self) -> None:
+        self.step += 1
+
+    def fraction(self) -> torch.Tensor:
+        return (self.last_seen[:self.num_codes] > self.step - self.window).float().mean()
+
+
+@torch.no_grad()
+def evaluate(model: VQVAE, loader, cfg: Config, device: torch.device, max_batches: int = 0) -> tuple[dict, tuple]:
+    """Reconstruction loss, PSNR, VQ loss, perplexity and usage over the validation split (or its first
+    ``max_batches`` batches). Also returns the first batch and its reconstruction, for the grid."""
+    model.eval()
+    loss_fn = recon_loss_fn(cfg.train.recon_loss)
+    counts = torch.zeros(cfg.quantizer.num_codes, device=device)
+    recon_sum = vq_sum = psnr_sum = torch.zeros((), device=device)
+    n, sample = 0, None
+    for i, images in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        images = images.to(device, non_blocking=True)
+        with autocast_context(cfg, device):
+            recon, q = model(images)
+        recon = recon.float()
+        b = images.shape[0]
+        recon_sum = recon_sum + loss_fn(recon, images) * b
+        vq_sum = vq_sum + q.loss.float() * b
+        # PSNR on [0, 1] pixels: the images span [-1, 1], so the squared error shrinks by 4
+        mse01 = ((recon.clamp(-1, 1) - images) ** 2).mean(dim=(1, 2, 3)) / 4
+        psnr_sum = psnr_sum + (-10 * torch.log10(mse01.clamp_min(1e-10))).sum()
+        flat = q.indices.reshape(-1)
+        bins = torch.where(flat >= 0, flat, counts.numel())  # -1 marks a non-finite vector: an extra, dropped bin
+        counts += torch.bincount(bins, minlength=counts.numel() + 1)[:-1].float()
+        n += b
+        if sample is None:
+            sample = (images[:8].cpu(), recon[:8].cpu())
+    model.train()
+    p = counts / counts.sum()
+    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    metrics = {"recon_loss": recon_sum / n, "vq_loss": vq_sum / n, "psnr": psnr_sum / n,
+               "perplexity": perplexity, "usage": (counts > 0).float().mean()}
+    return {k: float(v) for k, v in metrics.items()}, sample
+
+
+# ---- checkpoints ----
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint besides the model, optimizer and scheduler."""
+
+    step: int = 0
+    batches_drawn: int = 0  # micro-batches taken from the loader: where a resumed loader starts
+    best_val: float = math.inf
+    wandb_id: str | None = None
+
+
+def save_state(path: Path, model, optimizer, scheduler, cfg: Config, progress: Progress, usage: CodeUsage) -> None:
+    save_checkpoint(path, {
+        "model": model.state_dict(),  # includes the quantizer's codebook and EMA buffers
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "progress": dataclasses.asdict(progress),
+        "step": progress.step,
+        "code_last_seen": usage.last_seen.cpu(),
+        "config": config_to_dict(cfg),
+        "rng": rng_state(),
+    })
+
+
+def restore_state(ckpt: dict, model, optimizer, scheduler, usage: CodeUsage) -> Progress:
+    """Everything but the RNG states, which the caller sets last."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    progress = Progress(**ckpt["progress"])
+    usage.last_seen.copy_(ckpt["code_last_seen"])
+    usage.step = progress.step
+    return progress
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               overrides: list[str] = ()) -> tuple[VQVAE, Config, dict]:
+    """A trained model (in eval mode) and its config from a checkpoint, for encoding and tests."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    cfg = config_from_dict(ckpt["config"], source=f"checkpoint {path}")
+    apply_overrides(cfg, list(overrides))
+    validate(cfg, source=f"checkpoint {path} (with command-line overrides)")
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), cfg, ckpt
+
+
+# ---- logging ----
+
+def open_metrics(run_dir: Path, step: int):
+    """metrics.jsonl for appending, first dropping any lines past ``step``: those of steps a crashed run took
+    after its last checkpoint, which the resumed run is about to take again."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _logged_step(line) <= step]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
+    return open(path, "a")
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a crash: drop it
+
+
+def log(metrics_file, run, step: int, values: dict, images: dict | None = None) -> None:
+    metrics_file.write(json.dumps({"step": step, **values}) + "\n")
+    metrics_file.flush()
+    if run is not None:
+        payload = dict(values)
+        if images:
+            import wandb
+            payload.update({k: wandb.Image(v) for k, v in images.items()})
+        run.log(payload, step=step)
+
+
+def evaluate_and_log(model, val_loader, cfg: Config, device, run_dir: Path, step: int, metrics_file, run,
+                     bar) -> tuple[dict, Path]:
+    """Score the validation split, write the reconstruction grid, log both plus the codebook-usage picture."""
+    metrics, sample = evaluate(model, val_loader, cfg, device, cfg.train.eval_batches)
+    grid = reconstruction_grid(*sample)
+    grid_path = run_dir / f"recon_{step:07d}.png"
+    grid.save(grid_path)
+    hist = usage_histogram(model.quantizer.cluster_size, cfg.quantizer.dead_code_threshold)
+    log(metrics_file, run, step, {f"val/{k}": v for k, v in metrics.items()},
+        images={"val/reconstructions": grid, "val/codebook_usage": hist})
+    bar.write(f"step {step}: val recon {metrics['recon_loss']:.4f}  psnr {metrics['psnr']:.2f} dB  "
+              f"perplexity {metrics['perplexity']:.1f}  usage {metrics['usage']:.0%}  -> {grid_path}")
+    return metrics, grid_path
+
+
+def postfix(values: dict) -> str:
+    return (f"recon {values['recon_loss']:.4f} vq {values['vq_loss']:.4f} ppl {values['perplexity']:.1f} "
+            f"used {values['window_usage']:.0%} dead {values['dead_codes']:.0f} lr {values['lr']:.1e} "
+            f"{values['images_per_sec']:.0f} img/s")
+
+
+# ---- the run ----
+
+def train(cfg: Config) -> dict:
+    """Train per ``cfg``; returns a summary (first and last losses, final evaluation, files written)."""
+    device = pick_device(cfg.train.device)
+    run_dir = Path(cfg.train.out_dir)
+    resume_from = resume_path(cfg, run_dir)
+    print(config_to_yaml(cfg), end="")
+    train_set, val_set = make_datasets(cfg.data, cfg.train.seed)  # first: a missing dataset should fail fast
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    usage = CodeUsage(cfg.quantizer.num_codes, cfg.train.usage_window, device)
+    progress, ckpt = Progress(), None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, map_location=device)
+        check_resumable(ckpt["config"], cfg, resume_from)
+        progress = restore_state(ckpt, model, optimizer, scheduler, usage)
+        print(f"resumed from {resume_from} at step {progress.step}")
+
+    pin = device.type == "cuda"
+    loader = make_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, seed=cfg.train.seed,
+                         start_batch=progress.batches_drawn, pin_memory=pin)
+    val_loader = make_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, train=False, pin_memory=pin)
+    print(f"device {device}; model {count_parameters(model) / 1e6:.2f}M parameters; data {train_set.source.name}: "
+          f"{len(train_set.source)} training / {len(val_set.source)} validation images, "
+          f"{len(train_set)} / {len(val_set)} samples per epoch; run folder {run_dir}")
+    if cfg.train.compile:
+        # the convolutions are what compiling speeds up; the quantizer's kernels are Triton already, and its
+        # first-batch initialisation and accumulate() switch on host-side state, so it stays eager
+        model.encoder.compile()
+        model.decoder.compile()
+    run = start_wandb(cfg, run_dir, progress.wandb_id)
+    progress.wandb_id = run.id if run is not None else progress.wandb_id
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])  # last, after everything above that may draw random numbers
+        del ckpt
+
+    metrics_file = open_metrics(run_dir, progress.step)
+    batches = iter(loader)
+    images_per_step = cfg.train.batch_size * cfg.train.grad_accum
+    start_step, first, recent, last_eval, written = progress.step, None, [], {}, []
+    bar = tqdm(total=cfg.train.max_steps, initial=progress.step, dynamic_ncols=True, mininterval=0.5, desc="train")
+    t_start = t_last = time.perf_counter()
+    try:
+        while progress.step < cfg.train.max_steps:
+            lr = scheduler.get_last_lr()[0]
+            out = train_step(model, batches, optimizer, scheduler, cfg, device, usage)
+            progress.step += 1
+            progress.batches_drawn += cfg.train.grad_accum
+            usage.advance()
+            step = progress.step
+            values = dict(zip(out, torch.stack([v.float() for v in out.values()]).tolist()))  # one sync a step
+            now = time.perf_counter()
+            values.update(lr=lr, images_per_sec=images_per_step / (now - t_last))
+            t_last = now
+            if not (math.isfinite(values["recon_loss"]) and math.isfinite(values["vq_loss"])):
+                raise FloatingPointError(f"non-finite loss at step {step} (recon {values['recon_loss']}, vq "
+                                         f"{values['vq_loss']}); the checkpoints in {run_dir} are intact. "
+                                         f"Try a lower optim.lr or optim.grad_clip")
+            first = first or values
+            recent = (recent + [values["recon_loss"]])[-20:]
+            log(metrics_file, run, step, {f"train/{k}": v for k, v in values.items()})
+            bar.update(1)
+            bar.set_postfix_str(postfix(values))
+
+            if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+                last_eval, grid_path = evaluate_and_log(model, val_loader, cfg, device, run_dir, step,
+                                                        metrics_file, run, bar)
+                written.append(grid_path)
+                if last_eval["recon_loss"] < progress.best_val:
+                    progress.best_val = last_eval["recon_loss"]
+                    save_state(run_dir / BEST_NAME, model, optimizer, scheduler, cfg, progress, usage)
+
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+                path = checkpoint_path(run_dir, step)
+                save_state(path, model, optimizer, scheduler, cfg, progress, usage)
+                prune_checkpoints(run_dir, cfg.train.keep_last)
+                written.append(path)
+    finally:
+        bar.close()
+        metrics_file.close()
+        if run is not None:
+            run.finish()
+
+    summary = {"steps": progress.step - start_step, "final_step": progress.step,
+               "seconds": time.perf_counter() - t_start,
+               "first_recon_loss": first["recon_loss"] if first else None,
+               "last_recon_loss": sum(recent) / len(recent) if recent else None,
+               "val": last_eval, "run_dir": str(run_dir), "files": [str(p) for p in written if p.exists()],
+               "wandb_dir": str(run_dir / "wandb") if run is not None else None, "wandb_mode": cfg.wandb.mode}
+    print_summary(summary)
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    if not s["steps"]:
+        print(f"nothing to do: the run in {s['run_dir']} is already at step {s['final_step']} "
+              f"(raise train.max_steps to continue it, or choose another train.out_dir)")
+        return
+    print(f"done: {s['steps']} steps to step {s['final_step']} in {s['seconds']:.0f} s; train recon loss "
+          f"{s['first_recon_loss']:.4f} -> {s['last_recon_loss']:.4f} (mean of the last 20 steps)")
+    if s["val"]:
+        v = s["val"]
+        print(f"validation: recon {v['recon_loss']:.4f}  psnr {v['psnr']:.2f} dB  perplexity {v['perplexity']:.1f}  "
+              f"usage {v['usage']:.0%}")
+    print("wrote: " + ", ".join(s["files"][-4:]) + (f", W&B run under {s['wandb_dir']}" if s["wandb_dir"] else ""))
+    if s["wandb_dir"] and s["wandb_mode"] == "offline":
+        print(f"upload the offline W&B run with: wandb sync {s['wandb_dir']}/offline-run-*")
+
+
+# ---- command line ----
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m vqvae.train", description="Train the VQ-VAE.",
+        epilog="Any config key can be set as --section.key=value (e.g. --train.max_steps=50) or with "
+               "--set section.key=value.")
+    parser.add_argument("--config", required=True, help="YAML config file (see config/)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="resume from CHECKPOINT, or without a path from the newest one in train.out_dir")
+    args, rest = parser.parse_known_args(argv)
+    overrides = list(args.set) + parse_overrides(parser, rest)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    return args, overrides
+
+
+def parse_overrides(parser: argparse.ArgumentParser, tokens: list[str]) -> list[str]:
+    """``--section.key=value`` or ``--section.key value`` tokens -> ``section.key=value`` strings."""
+    overrides, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or "." not in token.split("=")[0]:
+            parser.error(f"unrecognized argument: {token}")
+        if "=" in token:
+            overrides.append(token[2:])
+        elif i + 1 < len(tokens):
+            overrides.append(f"{token[2:]}={tokens[i + 1]}")
+            i += 1
+        else:
+            parser.error(f"{token} needs a value")
+        i += 1
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        # mistakes in the input get one clear line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
