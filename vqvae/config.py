@@ -74,11 +74,13 @@ class OptimConfig:
 class TrainConfig:
     out_dir: str = "runs/vqvae"
     max_steps: int = 20000
-    batch_size: int = 32  # images per micro-batch
+    # images per micro-batch on each process. Under torchrun this is per rank (torchrun's convention): one
+    # optimizer step sees batch_size x world_size x grad_accum images
+    batch_size: int = 32
     grad_accum: int = 1  # micro-batches per optimizer step
     recon_loss: str = "mse"  # "mse" or "l1"
-    seed: int = 1337
-    device: str = "auto"  # "auto" (cuda if available), "cuda", "cpu"
+    seed: int = 1337  # under torchrun, rank r draws its dead-code re-seed candidates from seed + r
+    device: str = "auto"  # "auto" (cuda if available), "cuda", "cpu"; under torchrun, cuda means cuda:LOCAL_RANK
     bf16: bool = True  # bf16 autocast on CUDA; ignored on the CPU
     compile: bool = False  # torch.compile the encoder and decoder
     usage_window: int = 100  # steps over which "codes used" is counted

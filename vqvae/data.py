@@ -6,7 +6,8 @@ square crop (side in [crop_scale, 1] x the short side), a resize to ``image_size
 
 The randomness of a sample depends only on (seed, epoch, index), never on a worker's or the process's RNG: any
 number of workers gives the same batches, and a resumed run sees the batches an uninterrupted run would have.
-Batches come from ``ResumableBatchSampler``, whose order depends on (seed, epoch) and which can start part-way.
+Batches come from ``ResumableBatchSampler``, whose order depends on (seed, epoch) and which can start part-way;
+with several processes it cuts each global batch into one share per rank.
 """
 
 from __future__ import annotations
@@ -249,21 +250,36 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 class ResumableBatchSampler(Sampler):
     """Endless batches of ``(epoch, index)`` keys: a fresh permutation per epoch from (seed, epoch), whole batches
-    only, starting after ``start_batch`` batches have already been drawn."""
+    only, starting after ``start_batch`` batches have already been drawn.
 
-    def __init__(self, length: int, batch_size: int, seed: int, start_batch: int = 0):
-        if length < batch_size:
-            raise DataError(f"the training set has {length} samples, fewer than one batch of {batch_size}; "
+    With ``world_size`` processes, each epoch's permutation is cut into global batches of
+    ``batch_size * world_size`` samples and rank ``r`` takes the ``r``-th slice of each: the ranks see disjoint
+    shares of every global batch, and a batch still depends only on (seed, epoch, position), so ``start_batch``
+    (counted in global batches, the same number on every rank) resumes every rank where it stopped. With one
+    process this is the plain sampler.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        global_batch = batch_size * world_size
+        if length < global_batch:
+            shown = f"{batch_size}" if world_size == 1 else f"{batch_size} x {world_size} processes"
+            raise DataError(f"the training set has {length} samples, fewer than one batch of {shown}; "
                             f"lower train.batch_size or raise data.samples_per_epoch")
         self.length, self.batch_size, self.seed, self.start_batch = length, batch_size, seed, start_batch
-        self.batches_per_epoch = length // batch_size
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = length // global_batch
 
     def __iter__(self):
         epoch, offset = divmod(self.start_batch, self.batches_per_epoch)
+        global_batch = self.batch_size * self.world_size
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
             for b in range(offset, self.batches_per_epoch):
-                yield [(epoch, int(i)) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+                start = b * global_batch + self.rank * self.batch_size
+                yield [(epoch, int(i)) for i in order[start:start + self.batch_size]]
             epoch, offset = epoch + 1, 0
 
 
@@ -282,14 +298,15 @@ def make_datasets(cfg: DataConfig, seed: int, augment: bool = True) -> tuple[Ima
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int, seed: int = 0, start_batch: int = 0,
-                train: bool = True, pin_memory: bool = False) -> DataLoader:
-    """Training: endless batches from ``start_batch`` on. Validation: one pass, fixed crops, no flips."""
+                train: bool = True, pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Training: endless batches from ``start_batch`` on, this rank's share of each global batch of
+    ``batch_size * world_size``. Validation: one pass over the whole split, fixed crops, no flips."""
     # A generator of the loader's own: otherwise each new iterator draws its workers' base seed from torch's
     # global RNG, and a resumed run (which makes one more iterator) would drift from an uninterrupted one.
     generator = torch.Generator().manual_seed(seed)
     common = dict(num_workers=num_workers, pin_memory=pin_memory, generator=generator)
     if train:
-        sampler = ResumableBatchSampler(len(dataset), batch_size, seed, start_batch)
+        sampler = ResumableBatchSampler(len(dataset), batch_size, seed, start_batch, rank, world_size)
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **common)
 

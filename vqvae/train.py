@@ -4,6 +4,7 @@
     python -m vqvae.train --config config/vqvae_naruto.yaml --train.max_steps=50000 --set wandb.mode=online
     python -m vqvae.train --config config/vqvae_naruto.yaml --resume            # continue the run in train.out_dir
     python -m vqvae.train --config config/vqvae_naruto.yaml --resume runs/naruto/ckpt_0004000.pt
+    torchrun --nproc_per_node=4 -m vqvae.train --config config/vqvae_naruto.yaml   # data-parallel, 4 processes
 
 Every step logs the reconstruction loss, the VQ (commitment) loss, perplexity, codebook usage, the learning
 rate and images per second to a progress bar, to ``metrics.jsonl`` in the run folder and to Weights & Biases
@@ -13,6 +14,12 @@ next to their reconstructions is written; every ``train.ckpt_every`` steps a che
 A run folder that already holds checkpoints is resumed from the newest (``train.resume=auto``). A resumed run
 gives the same losses as an uninterrupted one: the checkpoint holds the RNG states, and the batches depend only
 on (seed, epoch, position), so the loader restarts at the next unseen batch.
+
+Under torchrun (RANK and WORLD_SIZE set) every process runs this trainer: DistributedDataParallel all-reduces
+the gradients, each rank takes its own share of every global batch (``train.batch_size`` is per rank), and the
+quantizer all-reduces its codebook statistics itself, so every rank keeps the same codebook. Rank 0 alone
+prints, logs, evaluates and writes grids and checkpoints; a resumed run loads the same checkpoint on every rank.
+Without those variables nothing of this runs.
 """
 
 from __future__ import annotations
@@ -20,15 +27,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vqvae.checkpoint import (BEST_NAME, CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
@@ -134,6 +146,141 @@ def start_wandb(cfg: Config, run_dir: Path, run_id: str | None):
                       settings=wandb.Settings(console="off", silent=True))
 
 
+# ---- several processes (torchrun) ----
+
+@dataclass
+class Processes:
+    """This process's place among those torchrun started; rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # this trainer created the process group, so it destroys it
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(device: torch.device) -> tuple[Processes, torch.device]:
+    """Join torchrun's process group (nccl on CUDA, gloo on the CPU) when RANK and WORLD_SIZE say there are
+    several processes, or adopt a group the caller has already made. Each process takes GPU ``LOCAL_RANK``."""
+    adopted = dist.is_available() and dist.is_initialized()
+    launched = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not (adopted or launched):
+        return Processes(), device
+    if not dist.is_available():
+        raise ConfigError("this process was started by torchrun, but this torch build has no torch.distributed")
+    if "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:  # a group made by the caller, without torchrun: the caller has chosen the GPU
+        local_rank = torch.cuda.current_device() if device.type == "cuda" else 0
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK is {local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
+                              f"visible: start at most that many processes per machine (--nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not adopted:
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return Processes(dist.get_rank(), local_rank, dist.get_world_size(), owns_group=not adopted), device
+
+
+def stop_processes(procs: Processes) -> None:
+    if procs.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(procs: Processes) -> None:
+    if procs.distributed:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first(procs: Processes):
+    """Rank 0 runs the block first, then the other ranks: a hub dataset is downloaded and cached once. If the
+    block fails on rank 0, the others raise too rather than wait for it."""
+    if not procs.distributed:
+        yield
+        return
+    if not procs.main and not _rank0_succeeded(None):
+        raise DataError("rank 0 could not load the data (its error is above)")
+    try:
+        yield
+    except BaseException:
+        if procs.main:
+            _rank0_succeeded(False)
+        raise
+    if procs.main:
+        _rank0_succeeded(True)
+
+
+def _rank0_succeeded(ok: bool | None) -> bool:
+    """Rank 0 passes ``ok``; the others get it."""
+    flag = torch.tensor([bool(ok)], dtype=torch.int32, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def wrap_model(model: VQVAE, device: torch.device, procs: Processes) -> torch.nn.Module:
+    """The model itself on one process; under torchrun, DistributedDataParallel for the gradient all-reduce.
+
+    DDP broadcasts rank 0's parameters when it is built, and by default re-broadcasts every buffer from rank 0
+    at the start of each forward. The quantizer's buffers (codebook, cluster_size, embed_sum) need no such help:
+    they start equal (the same checkpoint, or the first batch's initialisation broadcast from rank 0), and each
+    EMA step all-reduces every rank's statistics before the blend, so all ranks make the same step and keep the
+    same codebook. The per-forward broadcast would only resend them (2 K D + K floats, 8 MB at the seed config)
+    every micro-batch, so it is switched off.
+    """
+    if not procs.distributed:
+        return model
+    # A 1x1 convolution's weight gradient can come back with other strides on its size-1 dimensions: the same
+    # memory layout as the weight, but DDP compares the strides and warns once per rank. Its copy into the
+    # all-reduce bucket is the one it makes for every gradient anyway, and no slower here.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    options = {"device_ids": [device.index] if device.type == "cuda" else None}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        options["forward_sync_buffers"] = False  # torch >= 2.13's name; broadcast_buffers is deprecated there
+    else:
+        options["broadcast_buffers"] = False
+    return DistributedDataParallel(model, **options)
+
+
+def mean_over_ranks(values: torch.Tensor, procs: Processes) -> torch.Tensor:
+    if procs.distributed:
+        dist.all_reduce(values)  # a sum: gloo has no average
+        values = values / procs.world_size
+    return values
+
+
+def gather_rng_states(procs: Processes) -> list[dict] | None:
+    """Every rank's RNG states, on rank 0 (None on the others, and with one process), for the checkpoint: the
+    ranks draw different dead-code re-seed candidates, so each must resume its own stream."""
+    if not procs.distributed:
+        return None
+    states = [None] * procs.world_size if procs.main else None
+    dist.gather_object(rng_state(), states, dst=0)
+    return states
+
+
+def restore_rng(ckpt: dict, procs: Processes, seed: int) -> None:
+    states = ckpt.get("rng_ranks")
+    if procs.distributed and states is not None and len(states) == procs.world_size:
+        set_rng_state(states[procs.rank])
+        return
+    set_rng_state(ckpt["rng"])
+    if procs.distributed and not procs.main:
+        # a checkpoint of another number of processes: rank 0 goes on with its stream, the others start their own
+        torch.manual_seed(seed + procs.rank)
+
+
 # ---- one step, evaluation ----
 
 def recon_loss_fn(kind: str):
@@ -147,21 +294,30 @@ def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device:
     The quantizer's EMA sees each micro-batch once: with accumulation, inside ``quantizer.accumulate()``, which
     sums the micro-batches' statistics and moves the codebook once at the end, as for one large batch (so every
     micro-batch is quantized against the same codebook, and ``quantizer.decay`` keeps its per-step meaning).
+
+    With ``model`` wrapped in DistributedDataParallel, the micro-batches before the last run under ``no_sync()``
+    (their gradients only add up locally), so the gradients are all-reduced once per step.
     """
+    ddp = isinstance(model, DistributedDataParallel)
+    net = model.module if ddp else model
     model.train()
     loss_fn = recon_loss_fn(cfg.train.recon_loss)
     accum = cfg.train.grad_accum
     totals = torch.zeros(4, device=device)  # recon, vq, perplexity, batch usage
-    with model.quantizer.accumulate() if accum > 1 else contextlib.nullcontext() as ema_step:
-        for _ in range(accum):
+    with net.quantizer.accumulate() if accum > 1 else contextlib.nullcontext() as ema_step:
+        for i in range(accum):
             images = next(batches).to(device, non_blocking=True)
-            with autocast_context(cfg, device):
-                recon, q = model(images)
-            recon_loss = loss_fn(recon.float(), images)
-            ((recon_loss + q.loss.float()) / accum).backward()
+            with model.no_sync() if ddp and i < accum - 1 else contextlib.nullcontext():
+                with autocast_context(cfg, device):
+                    recon, q = model(images)
+                recon_loss = loss_fn(recon.float(), images)
+                ((recon_loss + q.loss.float()) / accum).backward()
             totals += torch.stack([recon_loss.detach(), q.loss.detach().float(), q.perplexity.float(),
                                    q.usage.float()]) / accum
             usage.update(q.indices)
+    if ddp:
+        # a code any rank chose counts as used, so the window usage (and the copy in checkpoints) is the global one
+        dist.all_reduce(usage.last_seen, op=dist.ReduceOp.MAX)
     if cfg.optim.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     else:
@@ -239,9 +395,13 @@ class Progress:
     batches_drawn: int = 0  # micro-batches taken from the loader: where a resumed loader starts
     best_val: float = math.inf
     wandb_id: str | None = None
+    world_size: int = 1  # processes of the run that wrote the checkpoint: batches_drawn counts its global batches
 
 
-def save_state(path: Path, model, optimizer, scheduler, cfg: Config, progress: Progress, usage: CodeUsage) -> None:
+def save_state(path: Path, model, optimizer, scheduler, cfg: Config, progress: Progress, usage: CodeUsage,
+               rng_ranks: list[dict] | None = None) -> None:
+    """``model`` is the bare VQVAE, never its DDP wrapper, so the keys carry no ``module.`` prefix."""
+    extra = {} if rng_ranks is None else {"rng_ranks": rng_ranks}  # every rank's RNG states, under torchrun
     save_checkpoint(path, {
         "model": model.state_dict(),  # includes the quantizer's codebook and EMA buffers
         "optimizer": optimizer.state_dict(),
@@ -251,6 +411,7 @@ def save_state(path: Path, model, optimizer, scheduler, cfg: Config, progress: P
         "code_last_seen": usage.last_seen.cpu(),
         "config": config_to_dict(cfg),
         "rng": rng_state(),
+        **extra,
     })
 
 
@@ -299,6 +460,7 @@ def _logged_step(line: str) -> float:
 
 
 def log(metrics_file, run, step: int, values: dict, images: dict | None = None) -> None:
+    """Rank 0 only: the other ranks have no metrics file and no W&B run."""
     metrics_file.write(json.dumps({"step": step, **values}) + "\n")
     metrics_file.flush()
     if run is not None:
@@ -333,59 +495,91 @@ def postfix(values: dict) -> str:
 # ---- the run ----
 
 def train(cfg: Config) -> dict:
-    """Train per ``cfg``; returns a summary (first and last losses, final evaluation, files written)."""
-    device = pick_device(cfg.train.device)
-    run_dir = Path(cfg.train.out_dir)
-    resume_from = resume_path(cfg, run_dir)
-    print(config_to_yaml(cfg), end="")
-    train_set, val_set = make_datasets(cfg.data, cfg.train.seed)  # first: a missing dataset should fail fast
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train per ``cfg``; returns a summary (first and last losses, final evaluation, files written).
 
-    torch.manual_seed(cfg.train.seed)
+    Under torchrun every process calls this; the process group is created here and destroyed on the way out,
+    after an error too.
+    """
+    procs, device = start_processes(pick_device(cfg.train.device))
+    try:
+        return fit(cfg, device, procs)
+    finally:
+        stop_processes(procs)
+
+
+def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
+    say = print if procs.main else _quiet  # rank 0 speaks for every process
+    run_dir = Path(cfg.train.out_dir)
+    resume_from = resume_path(cfg, run_dir)  # every rank finds the same checkpoint: nothing is writing yet
+    say(config_to_yaml(cfg), end="")
+    with main_process_first(procs):
+        train_set, val_set = make_datasets(cfg.data, cfg.train.seed)  # first: a missing dataset should fail fast
+    if procs.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     usage = CodeUsage(cfg.quantizer.num_codes, cfg.train.usage_window, device)
-    progress, ckpt = Progress(), None
+    progress, ckpt = Progress(world_size=procs.world_size), None
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, map_location=device)
         check_resumable(ckpt["config"], cfg, resume_from)
         progress = restore_state(ckpt, model, optimizer, scheduler, usage)
-        print(f"resumed from {resume_from} at step {progress.step}")
+        say(f"resumed from {resume_from} at step {progress.step}")
+        if progress.world_size != procs.world_size:
+            say(f"note: the checkpoint was written by {progress.world_size} process(es), this run has "
+                f"{procs.world_size}; train.batch_size is per process, so the global batch and the data order "
+                f"from here on differ from the original run's")
+            progress.world_size = procs.world_size
 
     pin = device.type == "cuda"
     loader = make_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, seed=cfg.train.seed,
-                         start_batch=progress.batches_drawn, pin_memory=pin)
-    val_loader = make_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, train=False, pin_memory=pin)
-    print(f"device {device}; model {count_parameters(model) / 1e6:.2f}M parameters; data {train_set.source.name}: "
-          f"{len(train_set.source)} training / {len(val_set.source)} validation images, "
-          f"{len(train_set)} / {len(val_set)} samples per epoch; run folder {run_dir}")
+                         start_batch=progress.batches_drawn, pin_memory=pin, rank=procs.rank,
+                         world_size=procs.world_size)
+    val_loader = (make_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, train=False, pin_memory=pin)
+                  if procs.main else None)  # only rank 0 evaluates
+    say(f"device {device}; model {count_parameters(model) / 1e6:.2f}M parameters; data {train_set.source.name}: "
+        f"{len(train_set.source)} training / {len(val_set.source)} validation images, "
+        f"{len(train_set)} / {len(val_set)} samples per epoch; run folder {run_dir}")
+    images_per_step = cfg.train.batch_size * procs.world_size * cfg.train.grad_accum
+    if procs.distributed:
+        say(f"distributed: {procs.world_size} processes ({dist.get_backend()}); train.batch_size is per process: "
+            f"global batch = {cfg.train.batch_size} x {procs.world_size} processes x {cfg.train.grad_accum} "
+            f"grad_accum = {images_per_step} images per step; rank 0 logs, evaluates and writes checkpoints")
     if cfg.train.compile:
         # the convolutions are what compiling speeds up; the quantizer's kernels are Triton already, and its
         # first-batch initialisation and accumulate() switch on host-side state, so it stays eager
         model.encoder.compile()
         model.decoder.compile()
-    run = start_wandb(cfg, run_dir, progress.wandb_id)
+    parallel_model = wrap_model(model, device, procs)  # what train_step runs; evaluation and saving use model
+    run = start_wandb(cfg, run_dir, progress.wandb_id) if procs.main else None
     progress.wandb_id = run.id if run is not None else progress.wandb_id
     if ckpt is not None:
-        set_rng_state(ckpt["rng"])  # last, after everything above that may draw random numbers
+        restore_rng(ckpt, procs, cfg.train.seed)  # last, after everything above that may draw random numbers
         del ckpt
+    elif procs.distributed:
+        # from here on each rank draws its own dead-code re-seed candidates (the quantizer sums them over ranks)
+        torch.manual_seed(cfg.train.seed + procs.rank)
 
-    metrics_file = open_metrics(run_dir, progress.step)
+    metrics_file = open_metrics(run_dir, progress.step) if procs.main else None
     batches = iter(loader)
-    images_per_step = cfg.train.batch_size * cfg.train.grad_accum
     start_step, first, recent, last_eval, written = progress.step, None, [], {}, []
-    bar = tqdm(total=cfg.train.max_steps, initial=progress.step, dynamic_ncols=True, mininterval=0.5, desc="train")
+    bar = tqdm(total=cfg.train.max_steps, initial=progress.step, dynamic_ncols=True, mininterval=0.5, desc="train",
+               disable=not procs.main)
     t_start = t_last = time.perf_counter()
     try:
         while progress.step < cfg.train.max_steps:
             lr = scheduler.get_last_lr()[0]
-            out = train_step(model, batches, optimizer, scheduler, cfg, device, usage)
+            out = train_step(parallel_model, batches, optimizer, scheduler, cfg, device, usage)
             progress.step += 1
             progress.batches_drawn += cfg.train.grad_accum
             usage.advance()
             step = progress.step
-            values = dict(zip(out, torch.stack([v.float() for v in out.values()]).tolist()))  # one sync a step
+            # the mean over ranks, so that every rank sees the same numbers (and stops together on a NaN)
+            stacked = mean_over_ranks(torch.stack([v.float() for v in out.values()]), procs)
+            values = dict(zip(out, stacked.tolist()))  # one sync a step
             now = time.perf_counter()
             values.update(lr=lr, images_per_sec=images_per_step / (now - t_last))
             t_last = now
@@ -395,26 +589,42 @@ def train(cfg: Config) -> dict:
                                          f"Try a lower optim.lr or optim.grad_clip")
             first = first or values
             recent = (recent + [values["recon_loss"]])[-20:]
-            log(metrics_file, run, step, {f"train/{k}": v for k, v in values.items()})
+            if procs.main:
+                log(metrics_file, run, step, {f"train/{k}": v for k, v in values.items()})
             bar.update(1)
             bar.set_postfix_str(postfix(values))
 
-            if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-                last_eval, grid_path = evaluate_and_log(model, val_loader, cfg, device, run_dir, step,
-                                                        metrics_file, run, bar)
-                written.append(grid_path)
-                if last_eval["recon_loss"] < progress.best_val:
-                    progress.best_val = last_eval["recon_loss"]
-                    save_state(run_dir / BEST_NAME, model, optimizer, scheduler, cfg, progress, usage)
-
-            if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-                path = checkpoint_path(run_dir, step)
-                save_state(path, model, optimizer, scheduler, cfg, progress, usage)
-                prune_checkpoints(run_dir, cfg.train.keep_last)
-                written.append(path)
+            evaluate_now = step % cfg.train.eval_every == 0 or step == cfg.train.max_steps
+            save_now = step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps
+            if not (evaluate_now or save_now):
+                continue
+            rng_ranks = gather_rng_states(procs)  # a collective: every rank takes part
+            if procs.main:
+                if evaluate_now:
+                    # the bare model in eval mode: the quantizer neither learns nor all-reduces, so rank 0
+                    # makes no collective call while the others wait
+                    last_eval, grid_path = evaluate_and_log(model, val_loader, cfg, device, run_dir, step,
+                                                            metrics_file, run, bar)
+                    written.append(grid_path)
+                    if last_eval["recon_loss"] < progress.best_val:
+                        progress.best_val = last_eval["recon_loss"]
+                        save_state(run_dir / BEST_NAME, model, optimizer, scheduler, cfg, progress, usage,
+                                   rng_ranks)
+                if save_now:
+                    path = checkpoint_path(run_dir, step)
+                    save_state(path, model, optimizer, scheduler, cfg, progress, usage, rng_ranks)
+                    prune_checkpoints(run_dir, cfg.train.keep_last)
+                    written.append(path)
+            # The others wait for rank 0 here. Without the barrier they would wait inside the next step's
+            # all-reduce instead (no deadlock, since evaluation makes no collective call, but a wait hidden in a
+            # training step); and after the last step, no process returns before the run's files are complete.
+            # Either way an evaluation must finish within the process group's timeout (torch's default: 10 min
+            # on NCCL, 30 on gloo): train.eval_batches bounds it.
+            barrier(procs)
     finally:
         bar.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         if run is not None:
             run.finish()
 
@@ -424,8 +634,13 @@ def train(cfg: Config) -> dict:
                "last_recon_loss": sum(recent) / len(recent) if recent else None,
                "val": last_eval, "run_dir": str(run_dir), "files": [str(p) for p in written if p.exists()],
                "wandb_dir": str(run_dir / "wandb") if run is not None else None, "wandb_mode": cfg.wandb.mode}
-    print_summary(summary)
+    if procs.main:
+        print_summary(summary)
     return summary
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def print_summary(s: dict) -> None:
@@ -487,8 +702,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, overrides)
         train(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
-        # mistakes in the input get one clear line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
+        # mistakes in the input get one clear line, not a traceback (one per process under torchrun, named)
+        where = f"rank {os.environ.get('RANK', '?')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"error: {where}{e}", file=sys.stderr)
         sys.exit(2)
 
 
