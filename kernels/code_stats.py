@@ -114,7 +114,7 @@ def _stats_with_atomics(x, indices, counts, sums):
 
 
 def _stats_in_sorted_order(x, indices, counts, sums):
-    (N, D), num_codes = x.shape, counts.shape[0]
+    D, num_codes = x.shape[1], counts.shape[0]
     # Left-out rows go to bin K, which sorts last and which no program reads.
     bins = torch.where((indices >= 0) & (indices < num_codes), indices.long(), num_codes)
     order = torch.argsort(bins, stable=True)

@@ -1,7 +1,5 @@
 """The quantizer beyond one plain batch: masks, gradient accumulation, several processes, torch.compile."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
