@@ -20,7 +20,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_rows: int = DEFA
 
     Works through x in chunks of `chunk_rows`, so at most chunk_rows x K distances exist at once. Like the kernel,
     it centres both sides on the codebook mean (distances are unchanged; rounding error shrinks), and gives rows
-    holding NaN or inf index -1 and distance NaN.
+    holding NaN or inf (or whose squared norm overflows) index -1 and distance NaN.
     """
     dtype = _compute_dtype(x, codebook)
     codes = codebook.to(dtype)
@@ -29,13 +29,16 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_rows: int = DEFA
     code_sqnorm = centred_codes.square().sum(dim=1)
     indices = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     sq_dist = torch.empty(x.shape[0], dtype=dtype, device=x.device)
+    # One score buffer for every chunk: a fresh chunk_rows x K allocation per chunk costs page faults on the CPU.
+    scores = torch.empty(min(chunk_rows, x.shape[0]), codes.shape[0], dtype=dtype, device=x.device)
     for start in range(0, x.shape[0], chunk_rows):
         rows = x[start : start + chunk_rows].to(dtype)
+        chunk_scores = scores[: rows.shape[0]]
         # score_k = |c_k|^2 - 2 x.c_k: the distance less |x|^2, which is the same for every code of a row.
-        scores = torch.addmm(code_sqnorm, rows - center, centred_codes.T, alpha=-2.0)
-        chosen = scores.argmin(dim=1)
+        torch.addmm(code_sqnorm, rows - center, centred_codes.T, alpha=-2.0, out=chunk_scores)
+        chosen = chunk_scores.argmin(dim=1)
         dist = (rows - codes[chosen]).square().sum(dim=1)
-        finite = torch.isfinite(rows).all(dim=1)
+        finite = torch.isfinite(rows.square().sum(dim=1))  # as the kernel: NaN, inf or overflow of |x|^2
         indices[start : start + chunk_rows] = torch.where(finite, chosen, -1)
         sq_dist[start : start + chunk_rows] = torch.where(finite, dist, float("nan"))
     return indices, sq_dist

@@ -297,8 +297,10 @@ class VectorQuantizerEMA(nn.Module):
             raise ValueError("the first training batch holds NaN or inf (or masks out every position); "
                              "the codebook is initialised from it")
         n = rows.shape[0]
-        if n >= self.num_codes:
+        if n > self.num_codes:
             picks = torch.randperm(n, device=rows.device)[: self.num_codes]
+        elif n == self.num_codes:  # (no no-op slice: inductor in torch 2.13 fails to compile one here)
+            picks = torch.randperm(n, device=rows.device)
         else:  # fewer vectors than codes: repeats are unavoidable; the duplicates die and are re-seeded later
             picks = torch.randint(n, (self.num_codes,), device=rows.device)
         codes = rows[picks].float()
