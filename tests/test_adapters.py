@@ -31,13 +31,13 @@ def _peer(codes, decay):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_parity_with_vector_quantize_pytorch_over_training_steps(backend):
+def test_parity_with_vector_quantize_pytorch_over_training_steps(backend, device):
     codes = _separated_codes()
-    peer = _peer(codes, decay=0.9).train()
-    ours = VectorQuantize(DIM, CODES, decay=0.9, commitment_weight=0.25, backend=backend).train()
+    peer = _peer(codes, decay=0.9).to(device).train()
+    ours = VectorQuantize(DIM, CODES, decay=0.9, commitment_weight=0.25, backend=backend).to(device).train()
     ours.load_vector_quantize_pytorch_state(peer.state_dict())
     for _ in range(3):
-        x = _near(codes, 4, 50)
+        x = _near(codes, 4, 50).to(device)
         peer_quantized, peer_indices, peer_loss = peer(x)
         quantized, indices, loss = ours(x)
         assert torch.equal(indices, peer_indices)

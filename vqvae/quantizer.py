@@ -288,6 +288,9 @@ class VectorQuantizerEMA(nn.Module):
         # smoothing (eps-sized) does not shrink it.
         return max(2.0 * self.dead_code_threshold, 1.0)
 
+    # A one-off step with a host read: left to eager mode, so torch.compile neither breaks its graph here nor
+    # compiles code that runs once (inductor in torch 2.13 also fails on this graph when N == num_codes).
+    @torch.compiler.disable
     @torch.no_grad()
     def _init_from_batch(self, rows: torch.Tensor) -> None:
         """Seed every code with a random input vector, and the EMA state as if each code had already averaged
@@ -297,10 +300,8 @@ class VectorQuantizerEMA(nn.Module):
             raise ValueError("the first training batch holds NaN or inf (or masks out every position); "
                              "the codebook is initialised from it")
         n = rows.shape[0]
-        if n > self.num_codes:
+        if n >= self.num_codes:
             picks = torch.randperm(n, device=rows.device)[: self.num_codes]
-        elif n == self.num_codes:  # (no no-op slice: inductor in torch 2.13 fails to compile one here)
-            picks = torch.randperm(n, device=rows.device)
         else:  # fewer vectors than codes: repeats are unavoidable; the duplicates die and are re-seeded later
             picks = torch.randint(n, (self.num_codes,), device=rows.device)
         codes = rows[picks].float()
