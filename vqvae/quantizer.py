@@ -83,8 +83,9 @@ class _PendingStats:
             return
         self.counts = self.counts + counts
         self.sums = self.sums + sums
-        self.candidates = torch.where(candidate_ok[:, None], candidates, self.candidates)
-        self.candidate_ok = self.candidate_ok | candidate_ok
+        if candidates is not None:
+            self.candidates = torch.where(candidate_ok[:, None], candidates, self.candidates)
+            self.candidate_ok = self.candidate_ok | candidate_ok
 
 
 class VectorQuantizerEMA(nn.Module):
@@ -250,7 +251,10 @@ class VectorQuantizerEMA(nn.Module):
         return counts, self._commit(counts, sums, candidates, candidate_ok)
 
     def _reseed_candidates(self, rows: torch.Tensor, learn: torch.Tensor):
-        """One random row of the batch per code, and whether it may seed a code (finite and not masked out)."""
+        """One random row of the batch per code, and whether it may seed a code (finite and not masked out);
+        (None, None) when re-seeding is off."""
+        if self.dead_code_threshold <= 0:
+            return None, None
         picks = torch.randint(rows.shape[0], (self.num_codes,), device=rows.device)
         return rows[picks].float(), learn[picks]
 
@@ -273,7 +277,7 @@ class VectorQuantizerEMA(nn.Module):
 
     def _restart_dead_codes(self, dead, candidates, candidate_ok, rows_in_step: torch.Tensor) -> None:
         """Re-seed dead codes from their candidate rows, on the device."""
-        if self.dead_code_threshold <= 0:
+        if candidates is None:
             return
         reseed = dead & candidate_ok
         seed = (rows_in_step / self.num_codes).clamp(min=self._seed_floor())  # a device scalar: no host sync
@@ -374,7 +378,8 @@ def _broadcast_from_rank0(*tensors: torch.Tensor) -> None:
 
 
 def _sync_across_ranks(counts, sums, candidates, candidate_ok):
-    """Sum the statistics over all processes in one all-reduce of 2K + 2KD numbers (never the N rows).
+    """Sum the statistics over all processes in one all-reduce of K + KD numbers, never the N rows (2K + 2KD
+    with the re-seed candidates).
 
     Rank r contributes the re-seed candidates of the codes k with k % world == r, so after the sum every rank
     holds the same candidates: restarts agree everywhere, and draw on every rank's data.
@@ -383,14 +388,16 @@ def _sync_across_ranks(counts, sums, candidates, candidate_ok):
     if world == 1:
         return counts, sums, candidates, candidate_ok
     num_codes, dim = sums.shape
-    mine = torch.arange(num_codes, device=counts.device) % world == dist.get_rank()
-    bucket = torch.cat([
-        counts, sums.reshape(-1),
-        torch.where(mine[:, None], candidates, 0.0).reshape(-1), (mine & candidate_ok).float(),
-    ])
+    parts = [counts, sums.reshape(-1)]
+    if candidates is not None:
+        mine = torch.arange(num_codes, device=counts.device) % world == dist.get_rank()
+        parts += [torch.where(mine[:, None], candidates, 0.0).reshape(-1), (mine & candidate_ok).float()]
+    bucket = torch.cat(parts)
     dist.all_reduce(bucket)
-    counts, sums, candidates, candidate_ok = bucket.split([num_codes, num_codes * dim, num_codes * dim, num_codes])
-    return counts, sums.view(num_codes, dim), candidates.view(num_codes, dim), candidate_ok > 0.5
+    counts, sums, *rest = bucket.split([p.numel() for p in parts])
+    if candidates is not None:
+        candidates, candidate_ok = rest[0].view(num_codes, dim), rest[1] > 0.5
+    return counts, sums.view(num_codes, dim), candidates, candidate_ok
 
 
 def _perplexity(counts: torch.Tensor) -> torch.Tensor:
