@@ -1,7 +1,8 @@
 """Nearest-code search: for each row of x [N, D], the closest row of a codebook [K, D] and the squared distance.
 
-One fused kernel. Each program keeps BLOCK_N rows of x on chip and streams the codebook past them in BLOCK_K
-tiles, keeping a running minimum and argmin, so the N x K distance matrix never exists in memory. Distances are
+One fused kernel. Each program keeps BLOCK_N rows of x on chip (for D up to 256 in `fast` mode and 64 in `exact`;
+past that it re-reads them in slices, from cache) and streams the codebook past them in BLOCK_K tiles, keeping a
+running minimum and argmin, so the N x K distance matrix never exists in memory. Distances are
 ranked by the score ||c||^2 - 2 x.c (||x||^2 is the same for every code of a row), and the squared distance of the
 chosen code is then recomputed directly as sum((x - c)^2) in fp32, which has no cancellation.
 
@@ -73,12 +74,12 @@ def _nearest_code_kernel(
     stride_xn, stride_xd, stride_ck, stride_cd,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_D_TILE: tl.constexpr,  # D <= BLOCK_D: the rows fit one tile and stay in registers
     PRECISION: tl.constexpr,  # input_precision of tl.dot: "tf32x3" for exact, ignored for half operands
     UPCAST: tl.constexpr,  # multiply half operands in fp32 (the interpreter)
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    ONE_D_TILE: tl.constexpr = BLOCK_D >= D  # only decided at compile time
 
     if ONE_D_TILE:  # the rows stay in registers for the whole codebook sweep
         x = _centred_rows(x_ptr, center_ptr, rows, dims, stride_xn, stride_xd, N, D)
@@ -145,9 +146,12 @@ def _prepare_codebook(codebook: torch.Tensor, precision: str):
     return prepared, code_sqnorm, center.contiguous()
 
 
-def _block_d(D: int) -> int:
-    # Up to 256 features the rows stay on chip; beyond, the kernel loops over 64-wide slices of them.
-    return max(16, triton.next_power_of_2(D)) if D <= 256 else 64
+def _block_d(D: int, precision: str) -> int:
+    """Features per tile. Up to 256 bf16 features (64 fp32 ones, for `exact`) the rows stay on chip for the whole
+    sweep; beyond, the kernel loops over 64-wide slices of them. The fp32 limit is shared memory: 3xTF32 operands of
+    128 rows x 256 fp32 features, pipelined, need more than a Hopper SM's 227 KB."""
+    on_chip = 64 if precision == "exact" else 256
+    return max(16, triton.next_power_of_2(D)) if D <= on_chip else 64
 
 
 def _outputs(out, n: int, device: torch.device):
@@ -184,7 +188,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, precision: str = "exac
         x, codebook, prepared, code_sqnorm, center, indices, sq_dist,
         N, K, D,
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
-        BLOCK_D=_block_d(D),
+        BLOCK_D=_block_d(D, precision),
+        ONE_D_TILE=D <= _block_d(D, precision),
         PRECISION="tf32x3" if precision == "exact" else "tf32",
         UPCAST=INTERPRET,
     )
