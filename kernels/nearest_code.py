@@ -60,7 +60,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_configs(), key=["K", "D", "BLOCK_D"])
+@triton.autotune(configs=_configs(), key=["K", "D", "BLOCK_D", "PRECISION"])
 @triton.jit
 def _nearest_code_kernel(
     # pointers
