@@ -144,3 +144,20 @@ def test_a_model_with_the_quantizer_compiles_without_graph_breaks(backend, devic
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     compiled_loss.backward()
     assert encoder.weight.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA notion; needs a GPU")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_training_step_never_waits_on_the_device(backend):
+    """After the first batch (a one-off read), forward, EMA, re-seeding and backward make no host sync."""
+    quantizer = VectorQuantizerEMA(K, D, backend=backend).cuda()
+    x = torch.randn(4, D, 6, 5, device="cuda", requires_grad=True)
+    for _ in range(2):  # initialisation, and the autotuner's first run, may synchronise
+        quantizer(x).loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = quantizer(x)
+        (out.quantized.square().mean() + out.loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
