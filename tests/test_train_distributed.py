@@ -2,7 +2,6 @@
 rank 0 writes, the checkpoint loads, and a resumed run repeats an uninterrupted one exactly. Plus the pieces that
 need no processes: the sampler's shares of a global batch, and an evaluation that makes no collective call."""
 
-import json
 import os
 import socket
 import subprocess
@@ -19,6 +18,8 @@ from vqvae.config import Config
 from vqvae.data import DataError, ResumableBatchSampler, make_datasets, make_loader
 from vqvae.model import build_model
 from vqvae.train import evaluate, load_model
+
+from test_train import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -55,11 +56,6 @@ def torchrun(config: Path, run_dir: Path, max_steps: int) -> str:
     return output
 
 
-def train_rows(run_dir: Path, prefix: str = "train/") -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if any(k.startswith(prefix) for k in r)]
-
-
 def test_two_processes_train_write_once_and_resume_exactly(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
@@ -73,9 +69,9 @@ def test_two_processes_train_write_once_and_resume_exactly(tmp_path):
     assert output.count("done: 12 steps to step 12") == 1
 
     # rank 0 alone writes: one metrics line per step, one checkpoint per save, no stray temporary files
-    rows = train_rows(straight)
+    rows = read_metrics(straight)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    assert [r["step"] for r in train_rows(straight, "val/")] == [6, 12]
+    assert [r["step"] for r in read_metrics(straight, "val/")] == [6, 12]
     losses = [r["train/recon_loss"] for r in rows]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-4:]) < sum(losses[:4]), losses
@@ -102,7 +98,7 @@ def test_two_processes_train_write_once_and_resume_exactly(tmp_path):
     output = torchrun(config, resumed, max_steps=12)
     assert output.count(f"resumed from {resumed / 'ckpt_0000006.pt'} at step 6") == 1
     assert output.count("done: 6 steps to step 12") == 1
-    again = train_rows(resumed)
+    again = read_metrics(resumed)
     assert [r["step"] for r in again] == list(range(1, 13))
     for a, b in zip(rows, again):
         for key in ("train/recon_loss", "train/vq_loss", "train/perplexity", "train/window_usage",
