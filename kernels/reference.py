@@ -61,24 +61,29 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int):
     return counts[:num_codes], sums[:num_codes]
 
 
-def ema_blend_(cluster_size, embed_sum, codebook, counts, sums, decay: float, eps: float) -> None:
+def ema_blend_(cluster_size, embed_sum, codebook, counts, sums, decay, eps: float) -> None:
     """Blend one batch's statistics into the EMA state and rebuild the codebook, in place.
 
     cluster_size <- decay * cluster_size + (1 - decay) * counts
     embed_sum    <- decay * embed_sum    + (1 - decay) * sums
     codebook_k   <- embed_sum_k / smoothed_k,  with Laplace smoothing
         smoothed_k = (cluster_size_k + eps) / (sum(cluster_size) + K * eps) * sum(cluster_size)
-    so that a code whose count has decayed to nothing is not divided by zero.
+    so that a code whose count has decayed to nothing is not divided by zero. A batch with no rows
+    (sum(counts) == 0) leaves all three exactly as they were. decay: a float or a 0-d tensor.
     """
     num_codes = cluster_size.shape[0]
-    cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
-    embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
-    total = cluster_size.sum()
-    smoothed = (cluster_size + eps) / (total + num_codes * eps) * total
-    codebook.copy_(embed_sum / smoothed[:, None])
+    active = counts.sum() > 0
+    blended_size = decay * cluster_size + (1.0 - decay) * counts
+    blended_sum = decay * embed_sum + (1.0 - decay) * sums
+    total = blended_size.sum()
+    smoothed = (blended_size + eps) / (total + num_codes * eps) * total
+    # where, not an early return: no host read of `active`, as in the kernel.
+    codebook.copy_(torch.where(active, blended_sum / smoothed[:, None], codebook))
+    embed_sum.copy_(torch.where(active, blended_sum, embed_sum))
+    cluster_size.copy_(torch.where(active, blended_size, cluster_size))
 
 
-def ema_update_(x, indices, cluster_size, embed_sum, codebook, decay: float, eps: float) -> torch.Tensor:
+def ema_update_(x, indices, cluster_size, embed_sum, codebook, decay, eps: float) -> torch.Tensor:
     """Both steps: statistics of (x, indices), then the blend. Returns the batch's per-code counts."""
     counts, sums = code_stats(x, indices, cluster_size.shape[0])
     ema_blend_(cluster_size, embed_sum, codebook, counts, sums, decay, eps)

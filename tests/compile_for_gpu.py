@@ -60,8 +60,9 @@ CASES = {  # nearest_code: the rows on chip (small D) and in slices (large D), i
     "ema_blend": (
         "kernels.ema_update", "_ema_blend_kernel",
         {"cluster_size_ptr": "*fp32", "embed_sum_ptr": "*fp32", "codebook_ptr": "*fp32", "counts_ptr": "*fp32",
-         "sums_ptr": "*fp32", "total_ptr": "*fp32", "K": I32, "D": I32, "stride_ek": I32, "stride_ed": I32,
-         "stride_ck": I32, "stride_cd": I32, "stride_sk": I32, "stride_sd": I32, "decay": "fp32", "eps": "fp32"},
+         "sums_ptr": "*fp32", "decay_ptr": "*fp32", "rows_ptr": "*fp32", "total_ptr": "*fp32", "K": I32, "D": I32,
+         "stride_ek": I32, "stride_ed": I32, "stride_ck": I32, "stride_cd": I32, "stride_sk": I32, "stride_sd": I32,
+         "eps": "fp32"},
         {"BLOCK_K": 16, "BLOCK_D": 128}),
 }
 

@@ -151,3 +151,39 @@ def test_bad_inputs_are_named_and_leave_the_state_alone(device):
     ]
     for call, error, match in cases:
         _rejects_without_touching_state(call, error, match, device)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.99])
+@pytest.mark.parametrize("blend", ["triton", "torch"])
+def test_a_batch_without_rows_leaves_the_state_exactly_as_it_was(decay, blend, device):
+    """Every row left out (masked, non-finite): nothing to learn from, so nothing changes, whatever the decay.
+    With decay 0 this used to make every code NaN (0 / 0 in the Laplace smoothing)."""
+    state = _state(7, 5, device)
+    state[2].add_(0.25)  # a codebook that is not embed_sum / smoothed (as after a re-seed): it must not be rebuilt
+    before = tuple(t.clone() for t in state)
+    x = torch.randn(9, 5, device=device)
+    nothing = torch.full((9,), -1, dtype=torch.int64, device=device)
+    if blend == "triton":
+        kernels.ema_update_(x, nothing, *state, decay, 1e-5)
+        counts, sums = kernels.code_stats(x, nothing, 7)
+        kernels.ema_blend_(*state, counts, sums, decay, 1e-5)
+    else:
+        reference.ema_update_(x, nothing, *state, decay, 1e-5)
+    for got, want in zip(state, before):
+        assert torch.equal(got, want)
+
+
+def test_decay_may_be_a_device_tensor(device):
+    counts, sums = reference.code_stats(*_batch(50, 6, 4, torch.float32, device), 6)
+    as_float, as_tensor, expected = (_state(6, 4, device) for _ in range(3))
+    for state in (as_tensor, expected):
+        for t, src in zip(state, as_float):
+            t.copy_(src)
+    kernels.ema_blend_(*as_float, counts, sums, 0.75, 1e-5)
+    kernels.ema_blend_(*as_tensor, counts, sums, torch.tensor(0.75, device=device), 1e-5)
+    reference.ema_blend_(*expected, counts, sums, torch.tensor(0.75, device=device), 1e-5)
+    for a, b, c in zip(as_float, as_tensor, expected):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="0-d float32 tensor"):
+        kernels.ema_blend_(*as_float, counts, sums, torch.tensor([0.5, 0.5], device=device), 1e-5)

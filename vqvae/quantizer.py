@@ -268,7 +268,7 @@ class VectorQuantizerEMA(nn.Module):
         counts, sums, candidates, candidate_ok = _sync_across_ranks(counts, sums, candidates, candidate_ok)
         state = (self.cluster_size, self.embed_sum, self.codebook)
         if self._use_triton(self.codebook):
-            kernels.ema_blend_op(*state, counts, sums, self.decay, self.eps)
+            kernels.ema_blend_op(*state, counts, sums, torch.tensor(self.decay, device=counts.device), self.eps)
         else:
             reference.ema_blend_(*state, counts, sums, self.decay, self.eps)
         dead = self._dead_codes()
