@@ -47,6 +47,48 @@ def test_parity_with_vector_quantize_pytorch_over_training_steps(backend, device
         torch.testing.assert_close(ours.quantizer.cluster_size, peer._codebook.cluster_size[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_parity_with_vector_quantize_pytorch_when_dead_codes_restart(backend, device):
+    """threshold_ema_dead_code=2: the same codes die at the same steps, restart with the package's count (the
+    threshold), and the two stay in step afterwards. The restart vectors are random draws in both packages, so
+    each step hands the package's draws to ours before comparing the next."""
+    codes = _separated_codes()
+    codes[20:] += 40.0  # 12 codes far from every input: they starve, die and restart
+    peer = _peer(codes, decay=0.8)
+    peer._codebook.threshold_ema_dead_code = 2.0
+    peer._codebook.has_dead_code_replacement = True
+    peer._codebook.reset_cluster_size = 2.0
+    peer = peer.to(device).train()
+    ours = VectorQuantize(DIM, CODES, decay=0.8, commitment_weight=0.25, threshold_ema_dead_code=2.0,
+                          backend=backend).to(device).train()
+    ours.load_vector_quantize_pytorch_state(peer.state_dict())
+    restarted_any = False
+    for _ in range(6):
+        x = (codes[torch.randint(0, 20, (4, 60))] + 0.1 * torch.randn(4, 60, DIM)).to(device)
+        size_before = peer._codebook.cluster_size[0].clone()
+        peer_quantized, peer_indices, peer_loss = peer(x)
+        quantized, indices, loss = ours(x)
+        assert torch.equal(indices, peer_indices)
+        torch.testing.assert_close(quantized, peer_quantized, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss.reshape(()), peer_loss.reshape(()), rtol=1e-5, atol=1e-6)
+        # Every count matches, the restarted codes' included (the package restarts a code with the threshold as
+        # its count). The restarted codes, those whose blended count fell under 2, lie on batch rows in both.
+        torch.testing.assert_close(ours.quantizer.cluster_size, peer._codebook.cluster_size[0], rtol=1e-5, atol=1e-5)
+        counts = torch.bincount(peer_indices.reshape(-1), minlength=CODES).float()
+        restarted = 0.8 * size_before + 0.2 * counts < 2.0
+        restarted_any |= bool(restarted.any())
+        on_rows = (ours.codebook[restarted][:, None] == x.reshape(-1, DIM)[None]).all(dim=-1).any(dim=1)
+        assert on_rows.all() and bool((ours.quantizer.cluster_size[restarted] == 2.0).all())
+        kept = ~restarted
+        torch.testing.assert_close(ours.codebook[kept], peer._codebook.embed[0][kept], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.quantizer.embed_sum[kept], peer._codebook.embed_avg[0][kept], rtol=1e-5,
+                                   atol=1e-5)
+        with torch.no_grad():  # hand over the package's random draws, so the next step starts from one state
+            ours.quantizer.codebook.copy_(peer._codebook.embed[0])
+            ours.quantizer.embed_sum.copy_(peer._codebook.embed_avg[0])
+    assert restarted_any, "the test should exercise restarts"
+
+
 def test_parity_in_eval_and_with_image_feature_maps():
     codes = _separated_codes()
     peer = vqp.VectorQuantize(dim=DIM, codebook_size=CODES, accept_image_fmap=True, rotation_trick=False)

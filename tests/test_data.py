@@ -161,3 +161,25 @@ def test_hub_dataset_rows_become_training_images(monkeypatch):
     assert batches[0].shape == (2, 3, 16, 16)
     with pytest.raises(DataError, match=r"no column 'pixels' \(data\.image_key\); its columns are"):
         hf_source(DataConfig(source="hf", name="someone/pictures", image_key="pixels"))
+
+
+def test_builtin_validation_holds_out_a_region_of_every_photo():
+    """Validation covers every photo's content (not one flat photo), in pixels that training never sees."""
+    cfg = DataConfig(source="builtin", image_size=32, crop_scale=0.5)
+    train, val = make_datasets(cfg, seed=0)
+    photos = builtin_source()
+    assert len(train.source) == len(val.source) == len(photos)
+    for i in range(len(photos)):
+        whole = np.asarray(photos.load(i))
+        part_train, part_val = np.asarray(train.source.load(i)), np.asarray(val.source.load(i))
+        h, w = whole.shape[:2]
+        if w >= h:  # split along the long side, the last quarter held out
+            assert part_train.shape[1] + part_val.shape[1] == w and part_val.shape[1] == w - round(0.75 * w)
+            assert np.array_equal(np.concatenate([part_train, part_val], axis=1), whole)
+        else:
+            assert part_train.shape[0] + part_val.shape[0] == h
+            assert np.array_equal(np.concatenate([part_train, part_val], axis=0), whole)
+    # the validation crops come from every photo, so they vary: not one flat image
+    crops = torch.stack([val[i] for i in range(len(val))])
+    per_photo = crops.reshape(len(val), -1).std(dim=1)
+    assert crops.mean(dim=(1, 2, 3)).std() > 0.1 and (per_photo > 0.02).float().mean() > 0.5

@@ -46,7 +46,7 @@ def test_a_few_steps_learn_log_and_write_checkpoints_grids_and_an_offline_wandb_
 
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 41))
-    for key in ("recon_loss", "vq_loss", "perplexity", "usage", "window_usage", "dead_codes", "lr",
+    for key in ("recon_loss", "vq_loss", "perplexity", "window_perplexity", "usage", "window_usage", "dead_codes", "lr",
                 "images_per_sec"):
         assert all(np.isfinite(r[f"train/{key}"]) for r in rows), key
     first = np.mean([r["train/recon_loss"] for r in rows[:5]])
@@ -101,7 +101,8 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypa
     assert [r["step"] for r in resumed] == list(range(1, 15))  # steps 8 and 9 of the crashed run dropped
     assert any(r["train/dead_codes"] > 0 for r in reference), "the test should exercise dead-code restarts"
     for a, b in zip(reference, resumed):
-        for key in ("train/recon_loss", "train/vq_loss", "train/perplexity", "train/window_usage", "train/lr"):
+        for key in ("train/recon_loss", "train/vq_loss", "train/perplexity", "train/window_perplexity",
+                    "train/window_usage", "train/lr"):
             assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
     final_a = checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt_0000014.pt")["model"]
     final_b = checkpoint.load_checkpoint(tmp_path / "resumed" / "ckpt_0000014.pt")["model"]
@@ -191,6 +192,30 @@ def test_encode_writes_code_grids_that_decode_to_the_reconstructions(tmp_path):
     with torch.no_grad():
         recon, _ = model(images)
     torch.testing.assert_close(model.decode_codes(grid), recon)
+
+
+def test_window_figures_count_the_codes_of_the_last_steps_only():
+    usage = train_module.CodeUsage(num_codes=6, window=3, device=torch.device("cpu"))
+    steps = [[0, 0, 1], [2, -1], [3, 3, 3, 3], [4]]  # -1: a non-finite vector, no code
+    seen = []
+    for codes in steps:
+        usage.update(torch.tensor(codes))
+        seen.append((usage.totals().tolist(), usage.fraction().item(), usage.perplexity().item()))
+        usage.advance()
+    assert seen[2][0] == [2, 1, 1, 4, 0, 0]  # the first three steps
+    assert seen[3][0] == [0, 0, 1, 4, 1, 0]  # the first step has left the window
+    assert abs(seen[3][1] - 3 / 6) < 1e-7
+    probs = torch.tensor([1, 4, 1]) / 6
+    assert abs(seen[3][2] - torch.exp(-(probs * probs.log()).sum()).item()) < 1e-5
+
+
+def test_a_collapse_is_announced_once_and_so_is_the_recovery():
+    watch = train_module.CollapseWatch()
+    values = {"perplexity": 300.0, "window_perplexity": 900.0, "dead_codes": 0.0}
+    lines = [watch.check(step, {**values, "perplexity": ppl}) for step, ppl in enumerate([300, 49, 12, 30, 51, 400], 1)]
+    assert lines[0] is None and lines[2] is None and lines[3] is None and lines[5] is None
+    assert lines[1].startswith("warning: step 2: training perplexity 49.0 < 50") and "collapsing" in lines[1]
+    assert "back above 50" in lines[4]
 
 
 def _has_wandb() -> bool:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-import vqvae.quantizer as quantizer_module
+import vqvae.sync as sync_module
 from vqvae.checkpoint import load_checkpoint
 from vqvae.config import Config
 from vqvae.data import DataError, ResumableBatchSampler, make_datasets, make_loader
@@ -146,10 +146,10 @@ def test_evaluation_makes_no_collective_call(monkeypatch):
     def no_collectives(*args, **kwargs):
         raise AssertionError("a collective call during evaluation")
 
-    monkeypatch.setattr(quantizer_module, "_world_size", lambda: WORLD)  # as if torch.distributed were running
-    monkeypatch.setattr(quantizer_module.dist, "get_rank", lambda *args, **kwargs: 0)
-    monkeypatch.setattr(quantizer_module.dist, "all_reduce", no_collectives)
-    monkeypatch.setattr(quantizer_module.dist, "broadcast", no_collectives)
+    monkeypatch.setattr(sync_module, "world_size", lambda: WORLD)  # as if torch.distributed were running
+    monkeypatch.setattr(sync_module.dist, "get_rank", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(sync_module.dist, "all_reduce", no_collectives)
+    monkeypatch.setattr(sync_module.dist, "broadcast", no_collectives)
     metrics, _ = evaluate(model, make_loader(val_set, 2, 0, train=False), cfg, torch.device("cpu"))
     assert metrics["psnr"] > 0 and model.training
     with pytest.raises(AssertionError, match="collective"):  # the patch bites: a training forward does call them

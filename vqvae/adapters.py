@@ -17,8 +17,11 @@ class VectorQuantize(nn.Module):
     forward(x, mask=None) -> (quantized, indices, loss), x of shape (B, N, dim), (B, dim) or, with
     `accept_image_fmap=True`, (B, dim, H, W). The codebook starts from the first training batch (as with their
     `kmeans_init=True`, minus the k-means iterations); `load_vector_quantize_pytorch_state` takes over a
-    codebook trained with that package instead. Their other options (heads, projections, cosine similarity,
-    rotation trick, ...) are not offered: the gradient is the plain straight-through one.
+    codebook trained with that package instead. Its EMA is that package's: a constant decay, codes averaged in the
+    data's own coordinates, and a dead code (EMA count under `threshold_ema_dead_code`) re-seeded from a batch row
+    with that count, unless `quantizer_kwargs` ask for our options (`ema_warmup`, `affine_reparam`, ...). Their
+    other options (heads, projections, cosine similarity, rotation trick, ...) are not offered: the gradient is the
+    plain straight-through one.
     """
 
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.8, eps: float = 1e-5,
@@ -27,9 +30,11 @@ class VectorQuantize(nn.Module):
         super().__init__()
         self.channel_last, self.accept_image_fmap = channel_last, accept_image_fmap
         layout = "channels_first" if accept_image_fmap or not channel_last else "channels_last"
+        as_that_package = dict(ema_warmup=False, affine_reparam=False,
+                               restart_count=threshold_ema_dead_code if threshold_ema_dead_code > 0 else None)
         self.quantizer = VectorQuantizerEMA(codebook_size, dim, decay, eps, commitment_weight,
                                             dead_code_threshold=threshold_ema_dead_code, layout=layout,
-                                            **quantizer_kwargs)
+                                            **{**as_that_package, **quantizer_kwargs})
 
     @property
     def codebook(self) -> torch.Tensor:

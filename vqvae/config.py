@@ -31,7 +31,8 @@ class DataConfig:
     image_size: int = 128
     crop_scale: float = 1.0  # random crops take a side in [crop_scale, 1] x the image's short side; 1 = whole image
     hflip: bool = True
-    val_fraction: float = 0.05  # fraction of the images held out for validation (at least one)
+    val_fraction: float = 0.05  # fraction of the images held out for validation (at least one); "builtin" instead
+    # holds out the last quarter of every photo
     samples_per_epoch: int = 0  # crops drawn per epoch; 0 = one per training image (builtin: 1024)
     val_samples: int = 0  # validation crops; 0 = one per held-out image (builtin: 64)
     num_workers: int = 2
@@ -55,7 +56,13 @@ class QuantizerConfig:
     commitment_weight: float = 0.25
     backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU), "triton" or "torch"
     precision: str = "exact"  # "exact" or "fast"
+    ema_warmup: bool = True  # EMA decay min(decay, (1 + t) / (10 + t)) at step t: the codebook follows early drift
+    init: str = "random"  # codes seeded from the first batch as "random" rows or by "kmeans++"
+    affine_reparam: bool = True  # codes kept in the frame of the data's running moments: they follow its drift
+    codebook_dim: int = 0  # search a learned projection to this many features; 0 = model.embedding_dim itself
+    cosine: bool = False  # l2-normalised vectors and codes: nearest = most similar direction
     dead_code_threshold: float = 1.0  # EMA count under which a code is re-seeded from the batch; 0 = off
+    dead_code_patience: int = 0  # steps without a row after which a code is re-seeded; 0 = off
     deterministic: bool = False
 
 
@@ -113,6 +120,7 @@ CHOICES = {
     "data.source": ("builtin", "folder", "hf"),
     "quantizer.backend": ("auto", "triton", "torch"),
     "quantizer.precision": ("exact", "fast"),
+    "quantizer.init": ("kmeans++", "random"),
     "train.recon_loss": ("mse", "l1"),
     "train.device": ("auto", "cuda", "cpu"),
     "wandb.mode": ("online", "offline", "disabled"),
@@ -125,8 +133,9 @@ POSITIVE = (
 )
 NON_NEGATIVE = (
     "data.samples_per_epoch", "data.val_samples", "data.num_workers", "model.residual_layers",
-    "quantizer.commitment_weight", "quantizer.dead_code_threshold", "optim.lr", "optim.min_lr",
-    "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.eval_batches", "train.seed",
+    "quantizer.commitment_weight", "quantizer.dead_code_threshold", "quantizer.dead_code_patience",
+    "quantizer.codebook_dim", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
+    "optim.grad_clip", "train.eval_batches", "train.seed",
 )
 UNIT_INTERVAL = ("quantizer.decay", "optim.beta1", "optim.beta2")  # open interval (0, 1)
 
@@ -208,6 +217,9 @@ def validate(cfg: Config, source: str) -> None:
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must lie strictly between 0 and 1 "
                           f"(got {cfg.data.val_fraction!r}) in {source}")
+    if cfg.quantizer.affine_reparam and cfg.quantizer.cosine:
+        raise ConfigError(f"quantizer.affine_reparam and quantizer.cosine exclude each other (cosine codes live on "
+                          f"the unit sphere): set quantizer.affine_reparam=false in {source}")
     if cfg.data.source == "hf" and not cfg.data.name:
         raise ConfigError(f"data.name must name a hub dataset when data.source is 'hf' in {source}")
     if cfg.data.source == "folder" and not cfg.data.path:

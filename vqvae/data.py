@@ -36,6 +36,9 @@ BUILTIN_PHOTOS = (
     "grass.png", "gravel.png", "cell.png",
 )
 BUILTIN_SAMPLES, BUILTIN_VAL_SAMPLES = 1024, 64
+# The built-in photographs are too few to hold whole ones out (one photo would be the validation set): the last
+# quarter of every photo, along its long side, is held out instead, and training crops come from the rest.
+BUILTIN_VAL_SHARE = 0.25
 VAL_EPOCH = -1  # the epoch number validation samples are drawn with: a fixed, separate stream
 
 
@@ -187,6 +190,29 @@ def split_source(source: ImageSource, val_fraction: float, seed: int) -> tuple[I
     return source.subset(sorted(order[n_val:])), source.subset(sorted(order[:n_val]))
 
 
+def split_regions(source: ImageSource, share: float) -> tuple[ImageSource, ImageSource]:
+    """Every image in both parts: its first ``1 - share`` along the long side for training, the rest for
+    validation. Disjoint pixels of every image, so the validation figures cover all of their content."""
+    train = ImageSource(source.name, [(p, "train", share) for p in source.items], _open_region, source.skipped,
+                        cache=source.cache is not None)
+    val = ImageSource(source.name, [(p, "val", share) for p in source.items], _open_region, source.skipped,
+                      cache=source.cache is not None)
+    return train, val
+
+
+def _open_region(item) -> Image.Image:
+    path, part, share = item
+    with Image.open(path) as image:
+        image.load()
+        w, h = image.size
+        cut = round((w if w >= h else h) * (1.0 - share))
+        if w >= h:
+            box = (0, 0, cut, h) if part == "train" else (cut, 0, w, h)
+        else:
+            box = (0, 0, w, cut) if part == "train" else (0, cut, w, h)
+        return image.crop(box)
+
+
 # ---- samples and batches ----
 
 class ImageDataset(Dataset):
@@ -287,8 +313,11 @@ def make_datasets(cfg: DataConfig, seed: int, augment: bool = True) -> tuple[Ima
     """Training and validation datasets. With ``augment=False`` the training images get the validation
     treatment too (fixed crops, no flips): the deterministic views that ``vqvae.encode`` writes codes for."""
     source = make_source(cfg)
-    train_src, val_src = split_source(source, cfg.val_fraction, seed)
     builtin = cfg.source == "builtin"
+    if builtin:
+        train_src, val_src = split_regions(source, BUILTIN_VAL_SHARE)
+    else:
+        train_src, val_src = split_source(source, cfg.val_fraction, seed)
     n_train = cfg.samples_per_epoch or (BUILTIN_SAMPLES if builtin else len(train_src))
     n_val = cfg.val_samples or (BUILTIN_VAL_SAMPLES if builtin else len(val_src))
     train = ImageDataset(train_src, cfg.image_size, cfg.crop_scale, cfg.hflip and augment, seed, n_train,

@@ -78,15 +78,11 @@ class Decoder(nn.Module):
 class VQVAE(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        m, q = cfg.model, cfg.quantizer
+        m = cfg.model
         self.encoder = Encoder(m.in_channels, m.hidden_channels, m.num_downsamples, m.residual_layers,
                                m.residual_hidden)
         self.pre_quant = nn.Conv2d(m.hidden_channels, m.embedding_dim, 1)
-        self.quantizer = VectorQuantizerEMA(
-            num_codes=q.num_codes, dim=m.embedding_dim, decay=q.decay, eps=q.eps,
-            commitment_weight=q.commitment_weight, backend=q.backend, precision=q.precision,
-            dead_code_threshold=q.dead_code_threshold, deterministic=q.deterministic,
-            layout="channels_first")  # said, not guessed: a 16 x 16 grid of 16-d codes would be ambiguous
+        self.quantizer = VectorQuantizerEMA(**quantizer_kwargs(cfg))
         self.decoder = Decoder(m.embedding_dim, m.in_channels, m.hidden_channels, m.num_downsamples,
                                m.residual_layers, m.residual_hidden)
 
@@ -114,6 +110,17 @@ class VQVAE(nn.Module):
         z = self.quantizer.lookup(codes).permute(0, 3, 1, 2)
         dtype = next(self.decoder.parameters()).dtype
         return self.decoder(z.to(dtype).contiguous())
+
+
+def quantizer_kwargs(cfg: Config) -> dict:
+    """VectorQuantizerEMA's arguments in a VQ-VAE built from ``cfg``."""
+    q = cfg.quantizer
+    return dict(num_codes=q.num_codes, dim=cfg.model.embedding_dim, decay=q.decay, eps=q.eps,
+                commitment_weight=q.commitment_weight, backend=q.backend, precision=q.precision,
+                ema_warmup=q.ema_warmup, init=q.init, affine_reparam=q.affine_reparam,
+                dead_code_threshold=q.dead_code_threshold, dead_code_patience=q.dead_code_patience,
+                codebook_dim=q.codebook_dim or None, cosine=q.cosine, deterministic=q.deterministic,
+                layout="channels_first")  # said, not guessed: a 16 x 16 grid of 16-d codes would be ambiguous
 
 
 def build_model(cfg: Config) -> VQVAE:

@@ -50,7 +50,10 @@ from vqvae.distributed import (Processes, barrier, gather_rng_states, main_proce
                                start_processes, stop_processes, wrap_model)
 from vqvae.images import reconstruction_grid, usage_histogram
 from vqvae.model import VQVAE, build_model, count_parameters
+from vqvae.quantizer import perplexity
 
+
+COLLAPSE_PERPLEXITY = 50.0  # the seed's line: below it the codebook has collapsed
 
 # ---- setup ----
 
@@ -181,8 +184,8 @@ def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device:
                                    q.usage.float()]) / accum
             usage.update(q.indices)
     if ddp:
-        # a code any rank chose counts as used, so the window usage (and the copy in checkpoints) is the global one
-        dist.all_reduce(usage.last_seen, op=dist.ReduceOp.MAX)
+        # every rank's codes count, so the window figures (and the copy in checkpoints) are the global ones
+        dist.all_reduce(usage.counts[usage.step % usage.window])
     if cfg.optim.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     else:
@@ -191,27 +194,42 @@ def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device:
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"recon_loss": totals[0], "vq_loss": totals[1], "perplexity": totals[2], "usage": totals[3],
-            "window_usage": usage.fraction(), "dead_codes": q.dead_codes if accum == 1 else ema_step.dead_codes,
-            "grad_norm": grad_norm}
+            "window_perplexity": usage.perplexity(), "window_usage": usage.fraction(),
+            "dead_codes": q.dead_codes if accum == 1 else ema_step.dead_codes, "grad_norm": grad_norm}
 
 
 class CodeUsage:
-    """Which codes were chosen in the last ``window`` steps: one "last seen" step per code, kept on the device."""
+    """How often each code was chosen in each of the last ``window`` steps (a ring of per-step counts on the
+    device), for the windowed figures: the perplexity and the fraction of codes used over the window.
+
+    The batch perplexity of one step can hide a slow collapse (or exaggerate one bad batch); the windowed one, over
+    ``window`` x batch vectors, is the codebook's usage as a downstream model will see it.
+    """
 
     def __init__(self, num_codes: int, window: int, device: torch.device):
         self.num_codes, self.window, self.step = num_codes, window, 0
-        # one extra slot takes the -1 index of non-finite vectors, without a host sync to filter them out
-        self.last_seen = torch.full((num_codes + 1,), -(2 ** 62), dtype=torch.int64, device=device)
+        self.counts = torch.zeros(window, num_codes, dtype=torch.int64, device=device)
 
     def update(self, indices: torch.Tensor) -> None:
+        """Add a micro-batch's codes to the current step (-1, a non-finite vector, counts for no code)."""
         flat = indices.reshape(-1)
-        self.last_seen.index_fill_(0, torch.where(flat >= 0, flat, self.num_codes), self.step)
+        bins = torch.where(flat >= 0, flat, self.num_codes)  # an extra, dropped bin: no host sync to filter
+        step_counts = torch.zeros(self.num_codes + 1, dtype=torch.int64, device=flat.device)
+        step_counts.index_add_(0, bins, torch.ones_like(bins))
+        self.counts[self.step % self.window] += step_counts[:self.num_codes]
 
     def advance(self) -> None:
         self.step += 1
+        self.counts[self.step % self.window].zero_()
+
+    def totals(self) -> torch.Tensor:
+        return self.counts.sum(dim=0)
 
     def fraction(self) -> torch.Tensor:
-        return (self.last_seen[:self.num_codes] > self.step - self.window).float().mean()
+        return (self.totals() > 0).float().mean()
+
+    def perplexity(self) -> torch.Tensor:
+        return perplexity(self.totals().float())
 
 
 @torch.no_grad()
@@ -243,10 +261,9 @@ def evaluate(model: VQVAE, loader, cfg: Config, device: torch.device, max_batche
         if sample is None:
             sample = (images[:8].cpu(), recon[:8].cpu())
     model.train()
-    p = counts / counts.sum()
-    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    # over the whole split's codes at once, not an average of per-batch figures
     metrics = {"recon_loss": recon_sum / n, "vq_loss": vq_sum / n, "psnr": psnr_sum / n,
-               "perplexity": perplexity, "usage": (counts > 0).float().mean()}
+               "perplexity": perplexity(counts), "usage": (counts > 0).float().mean()}
     return {k: float(v) for k, v in metrics.items()}, sample
 
 
@@ -273,7 +290,7 @@ def save_state(path: Path, model, optimizer, scheduler, cfg: Config, progress: P
         "scheduler": scheduler.state_dict(),
         "progress": dataclasses.asdict(progress),
         "step": progress.step,
-        "code_last_seen": usage.last_seen.cpu(),
+        "code_window_counts": usage.counts.cpu(),
         "config": config_to_dict(cfg),
         "rng": rng_state(),
         **extra,
@@ -286,8 +303,9 @@ def restore_state(ckpt: dict, model, optimizer, scheduler, usage: CodeUsage) -> 
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     progress = Progress(**ckpt["progress"])
-    usage.last_seen.copy_(ckpt["code_last_seen"])
     usage.step = progress.step
+    if ckpt.get("code_window_counts") is not None and ckpt["code_window_counts"].shape == usage.counts.shape:
+        usage.counts.copy_(ckpt["code_window_counts"])  # else (an older checkpoint, another window): start empty
     return progress
 
 
@@ -352,9 +370,29 @@ def evaluate_and_log(model, val_loader, cfg: Config, device, run_dir: Path, step
 
 
 def postfix(values: dict) -> str:
-    return (f"recon {values['recon_loss']:.4f} vq {values['vq_loss']:.4f} ppl {values['perplexity']:.1f} "
-            f"used {values['window_usage']:.0%} dead {values['dead_codes']:.0f} lr {values['lr']:.1e} "
-            f"{values['images_per_sec']:.0f} img/s")
+    return (f"recon {values['recon_loss']:.4f} vq {values['vq_loss']:.4f} ppl {values['perplexity']:.0f} "
+            f"(window {values['window_perplexity']:.0f}) used {values['window_usage']:.0%} "
+            f"dead {values['dead_codes']:.0f} lr {values['lr']:.1e} {values['images_per_sec']:.0f} img/s")
+
+
+class CollapseWatch:
+    """A warning line when the training perplexity falls under ``threshold`` (the seed's collapse line), and a
+    line when it recovers: once per crossing, not every step."""
+
+    def __init__(self, threshold: float = COLLAPSE_PERPLEXITY):
+        self.threshold, self.collapsed = threshold, False
+
+    def check(self, step: int, values: dict) -> str | None:
+        ppl = values["perplexity"]
+        if ppl < self.threshold and not self.collapsed:
+            self.collapsed = True
+            return (f"warning: step {step}: training perplexity {ppl:.1f} < {self.threshold:g}: the codebook is "
+                    f"collapsing onto a few codes ({values['dead_codes']:.0f} dead, window perplexity "
+                    f"{values['window_perplexity']:.0f}); see the README on reading the codebook's health")
+        if ppl >= self.threshold and self.collapsed:
+            self.collapsed = False
+            return f"step {step}: training perplexity back above {self.threshold:g} ({ppl:.1f})"
+        return None
 
 
 # ---- the run ----
@@ -431,6 +469,7 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
     metrics_file = open_metrics(run_dir, progress.step) if procs.main else None
     batches = iter(loader)
     start_step, first, recent, last_eval, written = progress.step, None, [], {}, []
+    collapse = CollapseWatch()
     bar = tqdm(total=cfg.train.max_steps, initial=progress.step, dynamic_ncols=True, mininterval=0.5, desc="train",
                disable=not procs.main)
     t_start = t_last = time.perf_counter()
@@ -456,6 +495,8 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
             recent = (recent + [values["recon_loss"]])[-20:]
             if procs.main:
                 log(metrics_file, run, step, {f"train/{k}": v for k, v in values.items()})
+                if (line := collapse.check(step, values)) is not None:
+                    bar.write(line)
             bar.update(1)
             bar.set_postfix_str(postfix(values))
 

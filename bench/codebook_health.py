@@ -1,0 +1,289 @@
+"""Codebook health at the seed configuration: does the codebook stay in use while the model trains?
+
+Trains the seed architecture (`config/vqvae_naruto.yaml`'s model, quantizer and optimizer) on the built-in images
+once per variant, with the same initial weights, the same batches and the same optimizer, and records at every
+step the batch perplexity, the windowed perplexity (codes chosen over the last `train.usage_window` steps), batch
+usage, dead codes, reconstruction and commitment loss, plus three numbers that show *why* a codebook collapses:
+the spread of the encoder's outputs (rms distance of the batch's vectors from their mean), how far their mean moved
+since the previous step, and how far it sits from the codebook's mean. At the end each variant is evaluated on the
+whole validation split (loss, PSNR, perplexity, usage). Every variant writes `<out>/<variant>.csv`; the plot
+`<out>/codebook_health.png` (perplexity and dead codes against steps, one line per run) and `<out>/summary.md`
+are redrawn from every CSV in the folder, so variants can be run in separate calls (e.g. in the background) and
+compared together.
+
+    python -m bench.codebook_health --steps 600 --batch-size 64 --variants ours --out runs/health_b64
+    python -m bench.codebook_health --steps 150 --batch-size 16 --variants ours,legacy,vqp-recommended,vqp-plain
+    python -m bench.codebook_health --list                  # the variants
+    python -m bench.codebook_health --plot-only --out runs/health_b16
+
+Variants: `ours` is `VectorQuantizerEMA` as the config builds it (the shipped defaults); `legacy` switches every
+codebook-health fix off (the quantizer as it was before them); `ours-no-<fix>` switches one fix off; `vqp-*` swap
+vector-quantize-pytorch's `VectorQuantize` into the same model, with its recommended EMA settings
+(`kmeans_init=True, threshold_ema_dead_code=2`, decay 0.99, commitment 0.25) or its plain defaults. That package is
+several times slower on the CPU, so compare the peers at a small batch (16) and say which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():  # the kernels module must import; the torch backend runs on the CPU
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+from torch import nn
+
+from vqvae.config import Config, load_config
+from vqvae.data import make_datasets, make_loader
+from vqvae.model import build_model, quantizer_kwargs
+from vqvae.quantizer import QuantizerOutput, VectorQuantizerEMA
+from vqvae.train import CodeUsage, evaluate, make_optimizer, make_scheduler, pick_device, train_step
+
+SEED_CONFIG = Path(__file__).resolve().parents[1] / "config" / "vqvae_naruto.yaml"
+COLUMNS = ("step", "perplexity", "window_perplexity", "usage", "window_usage", "dead_codes", "recon_loss",
+           "vq_loss", "z_spread", "z_mean_shift", "code_mean_gap", "seconds")
+
+# Every codebook-health option of VectorQuantizerEMA, set as it was before them: `legacy` and the `ours-no-*` runs.
+LEGACY = {"ema_warmup": False, "init": "random", "affine_reparam": False, "dead_code_patience": 0}
+
+
+def _ours(**overrides):
+    def build(cfg: Config) -> nn.Module:
+        return VectorQuantizerEMA(**{**quantizer_kwargs(cfg), **overrides})
+    return build
+
+
+def _vqp(**settings):
+    def build(cfg: Config) -> nn.Module:
+        return PeerQuantizer(cfg.model.embedding_dim, cfg.quantizer.num_codes, **settings)
+    return build
+
+
+VARIANTS = {
+    "ours": _ours(),
+    "legacy": _ours(**LEGACY),
+    "ours-no-warmup": _ours(ema_warmup=False),
+    "ours-no-affine": _ours(affine_reparam=False),
+    "ours+kmeans": _ours(init="kmeans++"),
+    "ours+patience8": _ours(dead_code_patience=8),
+    "legacy+warmup": _ours(**{**LEGACY, "ema_warmup": True}),
+    "legacy+kmeans": _ours(**{**LEGACY, "init": "kmeans++"}),
+    "legacy+patience8": _ours(**{**LEGACY, "dead_code_patience": 8}),
+    "legacy+affine": _ours(**{**LEGACY, "affine_reparam": True}),
+    "ours+cosine": _ours(affine_reparam=False, cosine=True),
+    "ours+codebook_dim32": _ours(codebook_dim=32),
+    "ours+codebook_dim32+cosine": _ours(codebook_dim=32, affine_reparam=False, cosine=True),
+    "vqp-recommended": _vqp(kmeans_init=True, threshold_ema_dead_code=2, decay=0.99, commitment_weight=0.25),
+    "vqp-plain": _vqp(decay=0.99, commitment_weight=0.25),
+}
+
+
+class PeerQuantizer(nn.Module):
+    """vector-quantize-pytorch's `VectorQuantize` behind our quantizer's interface (channels-first in,
+    `QuantizerOutput` out), so that it drops into the same VQ-VAE. Its dead codes: EMA count under its threshold."""
+
+    def __init__(self, dim: int, num_codes: int, **settings):
+        super().__init__()
+        from vector_quantize_pytorch import VectorQuantize  # noqa: PLC0415  (a test extra, not a dependency)
+
+        self.vq = VectorQuantize(dim=dim, codebook_size=num_codes, accept_image_fmap=True, **settings)
+        self.num_codes, self.threshold = num_codes, settings.get("threshold_ema_dead_code", 0)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.vq.codebook
+
+    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+        quantized, indices, loss = self.vq(x)
+        counts = torch.bincount(indices.reshape(-1), minlength=self.num_codes).float()
+        probs = counts / counts.sum()
+        perplexity = torch.exp(-(probs * probs.clamp(min=1e-12).log()).sum())
+        dead = (self.vq._codebook.cluster_size.reshape(-1) < max(self.threshold, 1e-12)).sum()
+        return QuantizerOutput(quantized, indices, loss.reshape(()), perplexity, (counts > 0).float().mean(), dead)
+
+
+class FeatureWatch:
+    """A forward pre-hook on the quantizer: statistics of the encoder's outputs that explain a collapse."""
+
+    def __init__(self, quantizer: nn.Module):
+        self.quantizer, self.last_mean, self.values = quantizer, None, {}
+        quantizer.register_forward_pre_hook(self._hook)
+
+    @torch.no_grad()
+    def _hook(self, module, args):
+        if not module.training:
+            return
+        rows = args[0].detach().float().movedim(1, -1).reshape(-1, args[0].shape[1])
+        mean = rows.mean(dim=0)
+        shift = float("nan") if self.last_mean is None else float((mean - self.last_mean).norm())
+        self.values = {"z_spread": float((rows - mean).square().sum(dim=1).mean().sqrt()), "z_mean_shift": shift,
+                       "code_mean_gap": float((module.codebook.float().mean(dim=0) - mean).norm())}
+        self.last_mean = mean
+
+
+def seed_config(batch_size: int, num_workers: int, overrides: list[str]) -> Config:
+    cfg = load_config(SEED_CONFIG, ["data.source=builtin", f"train.batch_size={batch_size}",
+                                    f"data.num_workers={num_workers}", *overrides])
+    return cfg
+
+
+def run_variant(name: str, cfg: Config, steps: int, out_dir: Path, log_every: int) -> dict:
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)  # the same initial weights for every variant
+    torch.manual_seed(cfg.train.seed + 1)
+    model.quantizer = VARIANTS[name](cfg)
+    model.to(device)
+    watch = FeatureWatch(model.quantizer)
+    optimizer, scheduler = make_optimizer(model, cfg), None
+    scheduler = make_scheduler(optimizer, cfg)  # the config's schedule: warm-up, then cosine to train.max_steps
+    train_set, val_set = make_datasets(cfg.data, cfg.train.seed)
+    batches = iter(make_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, seed=cfg.train.seed))
+    usage = CodeUsage(cfg.quantizer.num_codes, cfg.train.usage_window, device)
+    path = out_dir / f"{name}.csv"
+    start = time.perf_counter()
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for step in range(1, steps + 1):
+            out = train_step(model, batches, optimizer, scheduler, cfg, device, usage)
+            usage.advance()
+            row = {"step": step, **{k: float(v) for k, v in out.items() if k in COLUMNS}, **watch.values,
+                   "seconds": time.perf_counter() - start}
+            writer.writerow({k: _fmt(row.get(k, float("nan"))) for k in COLUMNS})
+            f.flush()
+            if step % log_every == 0 or step == steps:
+                print(f"{name} step {step}: ppl {row['perplexity']:.0f} (window {row.get('window_perplexity', float('nan')):.0f}) "
+                      f"usage {row['usage']:.2f} dead {row['dead_codes']:.0f} recon {row['recon_loss']:.4f} "
+                      f"spread {row['z_spread']:.3g} shift {row['z_mean_shift']:.3g} gap {row['code_mean_gap']:.3g}"
+                      f" [{row['seconds']:.0f} s]", flush=True)
+    val_loader = make_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, train=False)
+    val, _ = evaluate(model, val_loader, cfg, device)
+    summary = {"variant": name, "steps": steps, "batch_size": cfg.train.batch_size, **{f"val_{k}": v for k, v in
+               val.items()}, "seconds": time.perf_counter() - start}
+    with open(out_dir / f"{name}.val.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary))
+        writer.writeheader()
+        writer.writerow(summary)
+    print(f"{name} validation: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()), flush=True)
+    return summary
+
+
+def _fmt(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def read_runs(out_dir: Path) -> dict[str, tuple[list[dict], dict | None]]:
+    runs = {}
+    for path in sorted(out_dir.glob("*.csv")):
+        if path.name.endswith(".val.csv"):
+            continue
+        name = path.stem
+        with open(path) as f:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        val_path = out_dir / f"{name}.val.csv"
+        val = None
+        if val_path.exists():
+            with open(val_path) as f:
+                val = next(csv.DictReader(f), None)
+        if rows:
+            runs[name] = (rows, val)
+    return runs
+
+
+def summary_table(runs: dict, checkpoints=(1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 400, 500, 600)) -> str:
+    """Markdown: perplexity at chosen steps, its minimum after step 1, dead codes and losses at the last step,
+    and the validation figures."""
+    lines = []
+    longest = max(len(rows) for rows, _ in runs.values())
+    steps = [s for s in checkpoints if s <= longest]
+    lines.append("| variant | " + " | ".join(f"ppl @{s}" for s in steps)
+                 + " | min ppl (step > 1) | dead @end | recon @end (mean of last 10) | val PSNR | val ppl | val usage |")
+    lines.append("| --- |" + " ---: |" * (len(steps) + 6))
+    for name, (rows, val) in runs.items():
+        by_step = {int(r["step"]): r for r in rows}
+        ppl = [f"{by_step[s]['perplexity']:.0f}" if s in by_step else "" for s in steps]
+        later = [r["perplexity"] for r in rows if r["step"] > 1]
+        recon = sum(r["recon_loss"] for r in rows[-10:]) / len(rows[-10:])
+        v = (f"{float(val['val_psnr']):.2f} | {float(val['val_perplexity']):.0f} | {float(val['val_usage']):.2f}"
+             if val else " | | ")
+        lines.append(f"| {name} | " + " | ".join(ppl) + f" | {min(later) if later else float('nan'):.0f} | "
+                     f"{rows[-1]['dead_codes']:.0f} | {recon:.4f} | {v} |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict, path: Path, title: str) -> None:
+    import matplotlib  # noqa: PLC0415  (only the plot needs it)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (ax_ppl, ax_dead) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for name, (rows, _) in runs.items():
+        steps = [r["step"] for r in rows]
+        line, = ax_ppl.plot(steps, [r["perplexity"] for r in rows], label=name, linewidth=1.2)
+        ax_dead.plot(steps, [r["dead_codes"] for r in rows], label=name, color=line.get_color(), linewidth=1.2)
+    ax_ppl.set(yscale="log", xlabel="step", ylabel="training perplexity (batch)", title="perplexity")
+    ax_ppl.axhline(50, color="red", linestyle=":", linewidth=1)
+    ax_ppl.axhline(1000, color="green", linestyle=":", linewidth=1)
+    ax_dead.set(xlabel="step", ylabel="dead codes (before re-seeding)", title="dead codes")
+    ax_ppl.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(out_dir: Path) -> None:
+    runs = read_runs(out_dir)
+    if not runs:
+        sys.exit(f"no runs (*.csv) in {out_dir}")
+    table = summary_table(runs)
+    (out_dir / "summary.md").write_text(table + "\n")
+    print(table)
+    try:
+        plot(runs, out_dir / "codebook_health.png", f"codebook health, seed configuration ({out_dir.name})")
+        print(f"plot: {out_dir / 'codebook_health.png'}")
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="ours,legacy", help="comma-separated names (see --list)")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("runs/codebook_health"))
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a key of the seed config (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot and table from --out's CSVs")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(VARIANTS))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.plot_only:
+        names = [n.strip() for n in args.variants.split(",") if n.strip()]
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        cfg = seed_config(args.batch_size, args.num_workers, args.set)
+        for name in names:
+            run_variant(name, cfg, args.steps, args.out, args.log_every)
+    report(args.out)
+
+
+if __name__ == "__main__":
+    main()

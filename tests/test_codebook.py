@@ -1,0 +1,193 @@
+"""The codebook's health rules (vqvae/codebook.py): each one on a stream built to need it, against the quantizer
+without it, and the whole set on an encoder-like stream that collapses the quantizer as it was before them."""
+
+import pytest
+import torch
+
+from kernels import reference
+from vqvae.codebook import kmeans_plus_plus
+from vqvae.quantizer import VectorQuantizerEMA
+
+BACKENDS = ["torch", "triton"]
+# every health option off: the quantizer as it was before them
+LEGACY = dict(ema_warmup=False, init="random", affine_reparam=False, dead_code_patience=0)
+
+
+def _clusters(num, dim, separation, device, generator=None):
+    return torch.randn(num, dim, device=device, generator=generator) * separation
+
+
+def _around(centres, rows_per_centre, noise, device):
+    picks = torch.arange(centres.shape[0], device=device).repeat_interleave(rows_per_centre)
+    return centres[picks] + noise * torch.randn(picks.shape[0], centres.shape[1], device=device)
+
+
+def test_warmup_decay_rises_from_a_tenth_to_the_configured_decay(device):
+    quantizer = VectorQuantizerEMA(8, 4, decay=0.99).to(device)
+    expected = {0: 0.1, 8: 0.5, 80: 0.9, 891: 0.99, 5000: 0.99}
+    for steps, decay in expected.items():
+        quantizer.ema_steps.fill_(steps)
+        assert quantizer.current_decay().device.type == torch.device(device).type
+        assert abs(quantizer.current_decay().item() - decay) < 1e-6, steps
+    quantizer = VectorQuantizerEMA(8, 4, decay=0.99, ema_warmup=False).to(device)
+    assert abs(quantizer.current_decay().item() - 0.99) < 1e-7
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_warmup_lets_the_codebook_follow_an_early_shift(backend, device):
+    """Right after initialisation the data moves (as an encoder's outputs do early in training): with the warm-up
+    the codes reach it within ten steps; at a constant decay of 0.99 they have moved a tenth of the way."""
+    centres = _clusters(8, 6, 10.0, device)
+    shift = torch.full((6,), 0.5, device=device)  # far smaller than the separation: the assignments stay the same
+    gaps = {}
+    for warmup in (True, False):
+        # one code per cluster (k-means++), and no moving frame (it would follow the shift too)
+        quantizer = VectorQuantizerEMA(8, 6, backend=backend, ema_warmup=warmup, dead_code_threshold=0.0,
+                                       affine_reparam=False, init="kmeans++").to(device)
+        quantizer(_around(centres, 16, 0.01, device))
+        for _ in range(10):
+            quantizer(_around(centres + shift, 16, 0.01, device))
+        order = reference.nearest_code(centres + shift, quantizer.codebook)[0]
+        gaps[warmup] = (quantizer.codebook[order] - (centres + shift)).norm(dim=1).max().item()
+    assert gaps[True] < 0.05 * shift.norm().item() < gaps[False] / 10, gaps
+
+
+def test_kmeans_plus_plus_spreads_codes_over_separated_clusters(device):
+    """16 far-apart clusters, one of them holding 80% of the rows: random rows put most codes in that one cluster;
+    k-means++ puts one code in each."""
+    centres = _clusters(16, 8, 50.0, device)
+    counts = [400] + [7] * 15
+    rows = torch.cat([centres[i] + 0.1 * torch.randn(n, 8, device=device) for i, n in enumerate(counts)])
+    picks = kmeans_plus_plus(rows, 16)
+    assert picks.shape == (16,) and len(set(picks.tolist())) == 16
+    covered = reference.nearest_code(rows[picks], centres)[0]
+    assert sorted(covered.tolist()) == list(range(16))
+    for init, want_all in (("kmeans++", True), ("random", False)):
+        quantizer = VectorQuantizerEMA(16, 8, backend="torch", init=init).to(device)
+        quantizer.initialise_(rows)
+        reached = set(reference.nearest_code(quantizer.codebook, centres)[0].tolist())
+        assert (len(reached) == 16) == want_all, (init, len(reached))
+
+
+def test_kmeans_plus_plus_in_rounds_never_picks_a_row_twice(device):
+    rows = torch.randn(1023, 5, device=device)
+    picks = kmeans_plus_plus(rows, 300, rounds=7)
+    assert len(set(picks.tolist())) == 300
+    few = kmeans_plus_plus(rows[:37], 64)  # fewer rows than codes: every row, then repeats
+    assert set(few.tolist()) == set(range(37)) and few.shape == (64,)
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_no_two_codes_are_seeded_on_the_same_vector_while_the_batch_allows(init, device):
+    """Half the batch is copies of one vector: the codes still start on distinct vectors (two identical codes
+    would tie for every row near them)."""
+    rows = torch.randn(1023, 5, device=device)
+    rows[500:] = rows[0]
+    quantizer = VectorQuantizerEMA(300, 5, backend="torch", init=init).to(device)
+    quantizer.initialise_(rows)
+    assert len(set(map(tuple, quantizer.codebook.tolist()))) == 300
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patience_reseeds_a_code_unused_for_that_many_steps(backend, device):
+    """A code no row chooses, whose EMA count is still high: the count rule would wait ~300 steps at decay 0.99,
+    the patience rule re-seeds it after `patience` steps."""
+    found = {}
+    for patience in (3, 0):
+        quantizer = VectorQuantizerEMA(8, 4, backend=backend, dead_code_patience=patience, ema_warmup=False,
+                                       init="random").to(device)
+        x = torch.randn(64, 4, device=device)
+        quantizer(x)
+        quantizer.codebook[5] = 1e3  # far from every row: it will not be chosen
+        quantizer.cluster_size[5] = 20.0
+        quantizer.embed_sum[5] = 1e3 * 20.0
+        deads = [quantizer(x).dead_codes.item() for _ in range(3)]
+        found[patience] = (deads, (quantizer.codebook[5] == x).all(dim=1).any().item())
+    assert found[3] == ([0, 0, 1], True), found[3]  # dead at the third step without a row, then re-seeded
+    assert found[0] == ([0, 0, 0], False), found[0]
+
+
+def _growing_stream(step, device, dim=8, rows=512, generator=None):
+    """Encoder-like outputs: a cloud of 32 directions whose mean drifts and whose spread grows tenfold over 40
+    steps, as the seed configuration's encoder outputs do in its first hundred steps."""
+    centres = _clusters(32, dim, 1.0, "cpu", generator=torch.Generator().manual_seed(1)).to(device)
+    scale = 0.1 * 10 ** min(step / 40, 1.0)
+    shift = 0.03 * step * torch.ones(dim, device=device)
+    picks = torch.randint(32, (rows,), device=device, generator=generator)
+    noise = torch.randn(rows, dim, device=device, generator=generator) * 0.3
+    return scale * (centres[picks] + noise) + shift
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_affine_reparam_keeps_the_codes_on_a_drifting_growing_cloud(backend, device):
+    """With dead-code restarts off, so that nothing else rescues them: codes averaged in standardised coordinates
+    follow the cloud's drift and growth, used or not; plain codes (even warmed up) are left inside it and few stay
+    in use."""
+    usage = {}
+    for affine in (True, False):
+        torch.manual_seed(0)
+        quantizer = VectorQuantizerEMA(64, 8, backend=backend, affine_reparam=affine, dead_code_threshold=0.0
+                                       ).to(device)
+        outs = [quantizer(_growing_stream(step, device)) for step in range(60)]
+        usage[affine] = min(out.usage.item() for out in outs[40:])
+    assert usage[True] > 0.8 and usage[False] < 0.6, usage
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_health_options_survive_a_stream_that_collapses_the_legacy_quantizer(backend, device):
+    perplexities = {}
+    for name, options in (("defaults", {}), ("legacy", LEGACY)):
+        torch.manual_seed(0)
+        quantizer = VectorQuantizerEMA(64, 8, backend=backend, **options).to(device)
+        outs = [quantizer(_growing_stream(step, device)) for step in range(60)]
+        perplexities[name] = min(out.perplexity.item() for out in outs[1:])
+    assert perplexities["defaults"] > 25 and perplexities["legacy"] < 10, perplexities
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cosine_codes_stay_unit_and_the_nearest_is_the_most_similar(backend, device):
+    quantizer = VectorQuantizerEMA(32, 8, backend=backend, cosine=True).to(device)
+    for _ in range(3):
+        quantizer(torch.randn(40, 8, device=device) * 3 + 1)
+    torch.testing.assert_close(quantizer.codebook.norm(dim=1), torch.ones(32, device=device), rtol=1e-5, atol=1e-5)
+    x = torch.randn(200, 8, device=device) * 5
+    out = quantizer.eval()(x)
+    cosine = torch.nn.functional.normalize(x.double(), dim=1) @ quantizer.codebook.double().T
+    chosen = cosine.gather(1, out.indices[:, None]).squeeze(1)
+    assert (chosen >= cosine.max(dim=1).values - 1e-6).all()
+    torch.testing.assert_close(out.quantized, quantizer.codebook[out.indices])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_codebook_dim_quantizes_a_learned_projection(backend, device):
+    quantizer = VectorQuantizerEMA(16, 12, backend=backend, codebook_dim=3).to(device)
+    x = torch.randn(2, 12, 5, 7, device=device, requires_grad=True)
+    out = quantizer(x)
+    assert quantizer.codebook.shape == (16, 3) and out.quantized.shape == x.shape
+    (out.quantized.square().sum() + out.loss).backward()
+    for name in ("project_in.weight", "project_out.weight"):
+        grad = dict(quantizer.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+    with torch.no_grad():
+        out = quantizer.eval()(x)  # eval: the codes the output came from are the codebook's current ones
+        torch.testing.assert_close(out.quantized.permute(0, 2, 3, 1), quantizer.lookup(out.indices))
+        z = quantizer.project_in(x.detach().permute(0, 2, 3, 1).reshape(-1, 12))
+        _, sq_dist = reference.nearest_code(z.double(), quantizer.codebook.double())
+        chosen = (z.double() - quantizer.codebook.double()[out.indices.reshape(-1)]).square().sum(dim=1)
+    torch.testing.assert_close(chosen, sq_dist, rtol=1e-5, atol=1e-6)  # the search ran on the projection
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_a_state_saved_before_the_health_buffers_loads_as_a_trained_codebook(affine, device):
+    quantizer = VectorQuantizerEMA(8, 4, backend="torch", affine_reparam=affine).to(device)
+    codebook = torch.randn(8, 4, device=device)
+    quantizer.load_state_dict({"codebook": codebook, "cluster_size": torch.full((8,), 3.0, device=device),
+                               "embed_sum": codebook * 3.0, "initialized": torch.tensor(True)})
+    assert abs(quantizer.current_decay().item() - 0.99) < 1e-6, "a trained codebook is past its warm-up"
+    assert not quantizer.dead_codes().any()
+    before = quantizer.codebook.clone()
+    quantizer(before.repeat(3, 1))  # its rows sit on its codes: the codebook does not move (the first moments
+    torch.testing.assert_close(quantizer.codebook, before, rtol=1e-5, atol=1e-5)  # measured move no code)
+    if affine:
+        torch.testing.assert_close(quantizer.moments()[0], before.mean(dim=0))

@@ -1,0 +1,392 @@
+"""The EMA codebook: its state, and the rules that seed it, move it and revive its dead codes.
+
+State (buffers, so they follow `.to()` and the state dict):
+  codebook [K, D]    the codes
+  cluster_size [K]   EMA of the rows each code receives per step
+  embed_sum [K, D]   EMA of the sum of those rows; codebook = embed_sum / (Laplace-smoothed cluster_size)
+  initialized        whether the first training batch has seeded the codes
+  ema_steps          EMA steps taken since then: the clock of the warm-up and of `last_used`
+  last_used [K]      the EMA step at which each code last received a row
+  data_mean [D], data_sq_mean [D]   EMA of the data's first and second moments per feature (`affine_reparam`)
+
+Rules:
+- Initialisation, from the first training batch. `init="kmeans++"`: k-means++ seeding (D^2 sampling, in at most
+  64 rounds), so the codes cover the data's regions instead of piling up where it is densest and none is a
+  duplicate while the batch has enough distinct rows; `init="random"`: random rows. The EMA state starts as if
+  each code had already averaged `seed` copies of itself (`seed` = its share of the rows of one step), so the
+  first steps move codes towards their data rather than shrinking them towards zero.
+- The EMA step: Sonnet's VectorQuantizerEMA maths (`kernels.reference.ema_blend_`). With `ema_warmup`, step t
+  (from 0) uses the decay min(decay, (1 + t) / (10 + t)), as bias-corrected moving averages do: 0.1 at first,
+  0.5 after 8 steps, 0.9 after 80, `decay` from then on. Early in training the encoder's outputs move fastest (they
+  start tiny, and the optimizer moves every weight by about the learning rate whatever its gradient); a codebook
+  averaging over 1 / (1 - 0.99) = 100 steps would lag behind them and the encoder would collapse onto the few codes
+  at the edge of the cloud. The decay is a device tensor: no host read, one compiled graph for every step.
+- Affine re-parameterisation (`affine_reparam`, after Huh et al. 2023, "Straightening out the straight-through
+  estimator"): the codes are kept in the frame of the data's running per-feature mean and standard deviation.
+  After every step the frame follows the batch's moments and every code moves with it,
+  c -> mean' + std' / std * (c - mean), so when the encoder's outputs shift or grow (at the seed configuration
+  their spread grows about tenfold in the first hundred steps) every code follows, the unused ones too. The moments
+  follow the data with the EMA's (warmed-up) decay capped at 0.5. The state stays in the data's coordinates.
+- Cosine codes (`cosine`): the rows arrive l2-normalised, and the codes are put back on the unit sphere after
+  every EMA step, so the nearest code is the one of highest cosine similarity.
+- Dead codes: a code is dead when its EMA count falls under `dead_code_threshold` (rows per step) or when it has
+  received no row for `dead_code_patience` steps. The count alone is slow: from a seed of 16 rows per step, decay
+  0.99 takes ~275 steps to bring it under 1, the patience a few. Dead codes are re-seeded from random rows of the
+  batch, with the seed count (or `restart_count`), on the device, with no host synchronisation.
+- Several processes (torch.distributed initialised): the statistics and re-seed candidates of every step are
+  summed over the ranks first (`vqvae.sync`), and the initialisation is broadcast from rank 0, so every rank keeps
+  the same codebook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels import reference
+from vqvae.sync import broadcast_from_rank0, sum_across_ranks, world_size
+
+BACKENDS = ("auto", "triton", "torch")
+INITS = ("kmeans++", "random")
+WARMUP_STEPS = 10  # the warm-up's decay is (1 + t) / (WARMUP_STEPS + t)
+KMEANS_ROUNDS = 64
+# ema_steps of a state loaded without one (written before the warm-up existed): a codebook long past its warm-up.
+TRAINED = 2 ** 40
+# The moments follow the data faster than the codes: a batch measures them precisely (n rows for D numbers), and a
+# lagging frame is what leaves codes behind a growing cloud.
+MOMENT_DECAY = 0.5
+VARIANCE_FLOOR = 1e-12  # of a feature's running variance: a constant feature must not be divided by zero
+
+
+@dataclass
+class PendingStats:
+    """EMA statistics summed over the micro-batches of one optimizer step (see `accumulate`)."""
+
+    counts: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
+    sq_sums: torch.Tensor | None = None
+    candidates: torch.Tensor | None = None
+    candidate_ok: torch.Tensor | None = None
+    dead_codes: torch.Tensor | None = None  # set when the block ends: codes found dead by its EMA step
+
+    def add(self, counts, sums, sq_sums, candidates, candidate_ok) -> None:
+        if self.counts is None:
+            self.counts, self.sums, self.sq_sums = counts, sums, sq_sums
+            self.candidates, self.candidate_ok = candidates, candidate_ok
+            return
+        self.counts = self.counts + counts
+        self.sums = self.sums + sums
+        if sq_sums is not None:
+            self.sq_sums = self.sq_sums + sq_sums
+        if candidates is not None:
+            self.candidates = torch.where(candidate_ok[:, None], candidates, self.candidates)
+            self.candidate_ok = self.candidate_ok | candidate_ok
+
+
+class EMACodebook(nn.Module):
+    """K codes of dimension D (`code_dim`) that search and learn from rows [N, D]; see the module docstring."""
+
+    def __init__(self, num_codes: int, code_dim: int, *, decay: float, eps: float, ema_warmup: bool, init: str,
+                 affine_reparam: bool, cosine: bool, dead_code_threshold: float, dead_code_patience: int,
+                 restart_count: float | None, backend: str, precision: str, deterministic: bool):
+        super().__init__()
+        _check_codebook_config(num_codes, code_dim, decay, eps, init, dead_code_threshold, dead_code_patience,
+                               restart_count, backend, precision)
+        if affine_reparam and cosine:
+            raise ValueError("affine_reparam and cosine exclude each other: cosine codes live on the unit sphere")
+        self.num_codes, self.code_dim, self.decay, self.eps = num_codes, code_dim, decay, eps
+        self.ema_warmup, self.init, self.affine_reparam, self.cosine = ema_warmup, init, affine_reparam, cosine
+        self.dead_code_threshold, self.dead_code_patience = dead_code_threshold, dead_code_patience
+        self.restart_count, self.backend, self.precision = restart_count, backend, precision
+        self.deterministic = deterministic
+        # Placeholder codes until the first training batch replaces them (see initialise_).
+        self.register_buffer("codebook", torch.randn(num_codes, code_dim))
+        self.register_buffer("cluster_size", torch.zeros(num_codes))
+        self.register_buffer("embed_sum", torch.zeros(num_codes, code_dim))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("ema_steps", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("last_used", torch.zeros(num_codes, dtype=torch.int64))
+        # The identity (mean 0, second moment 1) unless affine_reparam moves them.
+        self.register_buffer("data_mean", torch.zeros(code_dim))
+        self.register_buffer("data_sq_mean", torch.ones(code_dim))
+        # A host-side copy of `initialized`, so that the common path never reads a device flag.
+        self._initialized = False
+        self._pending: PendingStats | None = None  # statistics gathered inside accumulate()
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync_initialized_flag())
+
+    @property
+    def restarts_enabled(self) -> bool:
+        return self.dead_code_threshold > 0 or self.dead_code_patience > 0
+
+    # -- search and statistics ------------------------------------------------------------------------------
+
+    def use_triton(self, rows: torch.Tensor) -> bool:
+        return self.backend == "triton" or (self.backend == "auto" and rows.is_cuda)
+
+    def nearest(self, rows: torch.Tensor) -> torch.Tensor:
+        """Index of each row's nearest code (int64 [N]); -1 for rows holding NaN or inf."""
+        if not self.use_triton(rows):
+            return reference.nearest_code(rows, self.codebook)[0]
+        if self.precision == "exact":  # exact against the fp32 codebook, so the rows come up to fp32
+            return kernels.nearest_code_op(rows.float(), self.codebook, "exact")[0]
+        return kernels.nearest_code_op(rows, self.codebook.to(rows.dtype), "fast")[0]
+
+    def _stats(self, rows: torch.Tensor, indices: torch.Tensor, learn: torch.Tensor):
+        """Per-code counts and sums of the rows to learn from, and (affine_reparam) their per-feature sum of
+        squares: the second moment that the per-code sums do not give."""
+        if self.use_triton(rows):
+            counts, sums = kernels.code_stats_op(rows, indices, self.num_codes, self.deterministic)
+        else:
+            counts, sums = reference.code_stats(rows, indices, self.num_codes)
+        sq_sums = None
+        if self.affine_reparam:
+            sq_sums = torch.where(learn[:, None], rows.float(), 0.0).square().sum(dim=0)
+        return counts, sums, sq_sums
+
+    # -- the EMA step ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def learn_(self, rows: torch.Tensor, indices: torch.Tensor, learn: torch.Tensor):
+        """Gather a batch's statistics (rows with index -1 add nothing) and re-seed candidates; take the EMA step
+        now or, inside accumulate(), when the block ends. Returns the batch's per-code counts and the codes found
+        dead (before their re-seeding)."""
+        counts, sums, sq_sums = self._stats(rows, indices, learn)
+        candidates, candidate_ok = self._reseed_candidates(rows, learn)
+        if self._pending is not None:
+            self._pending.add(counts, sums, sq_sums, candidates, candidate_ok)
+            return counts, self.dead_codes()
+        return counts, self._commit(counts, sums, sq_sums, candidates, candidate_ok)
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """Gradient accumulation: inside the block, training forwards only gather EMA statistics; on leaving it,
+        the codebook takes one EMA step with the statistics of every micro-batch, as if they were one batch.
+
+            with quantizer.accumulate() as step:
+                for micro_batch in chunks:
+                    model(micro_batch).loss.backward()
+            optimizer.step()
+            step.dead_codes   # codes found dead (and re-seeded) by that EMA step
+        """
+        if self._pending is not None:
+            raise RuntimeError("quantizer.accumulate() blocks cannot be nested")
+        pending = self._pending = PendingStats()
+        try:
+            yield pending
+        finally:
+            self._pending = None
+        if pending.counts is not None:
+            with torch.no_grad(), torch.autocast(device_type=pending.counts.device.type, enabled=False):
+                dead = self._commit(pending.counts, pending.sums, pending.sq_sums, pending.candidates,
+                                    pending.candidate_ok)
+            pending.dead_codes = dead.sum()
+
+    def _commit(self, counts, sums, sq_sums, candidates, candidate_ok) -> torch.Tensor:
+        """One EMA step from summed statistics, then re-seed the dead codes. Across processes, the statistics and
+        the candidates are summed first, so that every rank makes the same step and the same re-seeds.
+        Returns the dead-code mask found before re-seeding."""
+        counts, sums, sq_sums, candidates, candidate_ok = sum_across_ranks(counts, sums, sq_sums, candidates,
+                                                                           candidate_ok)
+        decay = self.current_decay()
+        state = (self.cluster_size, self.embed_sum, self.codebook)
+        if self.use_triton(self.codebook):
+            kernels.ema_blend_op(*state, counts, sums, decay, self.eps)
+        else:
+            reference.ema_blend_(*state, counts, sums, decay, self.eps)
+        if self.affine_reparam:
+            self._follow_moments(counts.sum(), sums.sum(dim=0), sq_sums, torch.clamp(decay, max=MOMENT_DECAY))
+        if self.cosine:  # the averaged codes back onto the sphere (a batch without rows changed nothing)
+            self.codebook.copy_(torch.where(counts.sum() > 0, F.normalize(self.codebook, dim=1), self.codebook))
+        self.ema_steps.add_(1)
+        self.last_used.copy_(torch.where(counts > 0, self.ema_steps, self.last_used))
+        dead = self.dead_codes()
+        self._restart_dead_codes(dead, candidates, candidate_ok, counts.sum())
+        return dead
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running per-feature mean and standard deviation of the data (affine_reparam)."""
+        variance = (self.data_sq_mean - self.data_mean.square()).clamp(min=VARIANCE_FLOOR)
+        return self.data_mean, variance.sqrt()
+
+    def _follow_moments(self, rows: torch.Tensor, row_sum: torch.Tensor, sq_sums: torch.Tensor, decay) -> None:
+        """Blend the batch's moments into the running ones, and move every code (and its EMA sum) by the change of
+        frame: c -> mean' + std' / std * (c - mean). A batch without rows changes nothing; the first batch measured
+        (after an initialisation, or a state saved without moments) sets the moments and moves no code."""
+        active = rows > 0
+        measured = self.data_sq_mean.sum() > 0  # 0 marks moments never measured
+        n = rows.clamp(min=1.0)
+        keep = torch.where(measured, decay, 0.0)
+        old_mean, old_std = self.moments()
+        old_mean, old_std = old_mean.clone(), old_std.clone()
+        self.data_mean.copy_(torch.where(active, keep * self.data_mean + (1.0 - keep) * row_sum / n, self.data_mean))
+        self.data_sq_mean.copy_(torch.where(active, keep * self.data_sq_mean + (1.0 - keep) * sq_sums / n,
+                                            self.data_sq_mean))
+        mean, std = self.moments()
+        move = active & measured
+        ratio = std / old_std
+        weight = self.cluster_size[:, None]  # embed_sum = weight * codebook, to the Laplace smoothing's eps
+        self.codebook.copy_(torch.where(move, mean + ratio * (self.codebook - old_mean), self.codebook))
+        self.embed_sum.copy_(torch.where(move, ratio * (self.embed_sum - weight * old_mean) + weight * mean,
+                                         self.embed_sum))
+
+    def current_decay(self) -> torch.Tensor:
+        """The decay of the next EMA step, a 0-d fp32 device tensor (see the warm-up in the module docstring)."""
+        decay = torch.full((), self.decay, dtype=torch.float32, device=self.codebook.device)
+        if not self.ema_warmup:
+            return decay
+        steps = self.ema_steps.float()
+        return torch.minimum(decay, (1.0 + steps) / (WARMUP_STEPS + steps))
+
+    # -- dead codes -----------------------------------------------------------------------------------------
+
+    def dead_codes(self) -> torch.Tensor:
+        """Bool [K]: codes whose EMA count is under the threshold, or that no row chose in `patience` steps."""
+        dead = self.cluster_size < self.dead_code_threshold
+        if self.dead_code_patience > 0:
+            dead |= self.ema_steps - self.last_used >= self.dead_code_patience
+        return dead
+
+    def _reseed_candidates(self, rows: torch.Tensor, learn: torch.Tensor):
+        """One random row of the batch per code, and whether it may seed a code (finite and not masked out);
+        (None, None) when re-seeding is off."""
+        if not self.restarts_enabled:
+            return None, None
+        picks = torch.randint(rows.shape[0], (self.num_codes,), device=rows.device)
+        return rows[picks].float(), learn[picks]
+
+    def _restart_dead_codes(self, dead, candidates, candidate_ok, rows_in_step: torch.Tensor) -> None:
+        """Re-seed dead codes from their candidate rows, on the device."""
+        if candidates is None:
+            return
+        reseed = dead & candidate_ok
+        seed = self._restart_seed(rows_in_step)
+        self.codebook.copy_(torch.where(reseed[:, None], candidates, self.codebook))
+        self.embed_sum.copy_(torch.where(reseed[:, None], candidates * seed, self.embed_sum))
+        self.cluster_size.copy_(torch.where(reseed, seed, self.cluster_size))
+        self.last_used.copy_(torch.where(reseed, self.ema_steps, self.last_used))
+
+    def _restart_seed(self, rows_in_step: torch.Tensor) -> torch.Tensor:
+        if self.restart_count is not None:
+            return torch.full_like(rows_in_step, self.restart_count)
+        return (rows_in_step / self.num_codes).clamp(min=self._seed_floor())  # a device scalar: no host sync
+
+    def _seed_floor(self) -> float:
+        # At least twice the dead threshold, so a fresh code is not dead on arrival, and at least 1, so that Laplace
+        # smoothing (eps-sized) does not shrink it.
+        return max(2.0 * self.dead_code_threshold, 1.0)
+
+    # -- initialisation -------------------------------------------------------------------------------------
+
+    # A one-off step with a host read: left to eager mode, so torch.compile neither breaks its graph here nor
+    # compiles code that runs once (inductor in torch 2.13 also fails on this graph when N == num_codes).
+    @torch.compiler.disable
+    @torch.no_grad()
+    def initialise_(self, rows: torch.Tensor) -> None:
+        """Seed the codes from rows of the first training batch (see `init`), and the EMA state as if each code had
+        already averaged `seed` copies of itself: a step whose inputs sit on their codes leaves the codebook as is."""
+        # A one-off host read: seeding the codebook from NaN would corrupt it for good.
+        if rows.shape[0] == 0 or not bool(torch.isfinite(rows).all()):
+            raise ValueError("the first training batch holds NaN or inf (or masks out every position); "
+                             "the codebook is initialised from it")
+        rows = rows.float()
+        # Seeded from distinct vectors: two identical codes would tie for every row near them.
+        distinct = torch.unique(rows, dim=0)
+        choose = kmeans_plus_plus if self.init == "kmeans++" else random_rows
+        codes = distinct[choose(distinct, self.num_codes)]
+        # A code's EMA count tends to its share of the rows of one step (all ranks together).
+        seed = max(rows.shape[0] * world_size() / self.num_codes, self._seed_floor())
+        self.ema_steps.zero_()
+        self.last_used.zero_()
+        if self.affine_reparam:
+            self.data_mean.copy_(rows.mean(dim=0))
+            self.data_sq_mean.copy_(rows.square().mean(dim=0))
+        self.codebook.copy_(codes)
+        self.cluster_size.fill_(seed)
+        self.embed_sum.copy_(codes * seed)
+        broadcast_from_rank0(self.codebook, self.cluster_size, self.embed_sum, self.data_mean, self.data_sq_mean)
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _sync_initialized_flag(self) -> None:
+        self._initialized = bool(self.initialized)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state written before the warm-up and the usage clock existed (an older checkpoint, or an adapter's
+        # import from another package) is a trained codebook: past its warm-up, every code just used.
+        if prefix + "codebook" in state_dict and prefix + "ema_steps" not in state_dict:
+            state_dict[prefix + "ema_steps"] = torch.tensor(TRAINED)
+            state_dict[prefix + "last_used"] = torch.full((self.num_codes,), TRAINED)
+        if prefix + "codebook" in state_dict and prefix + "data_mean" not in state_dict:  # moments not measured yet
+            state_dict[prefix + "data_mean"] = torch.zeros(self.code_dim)
+            state_dict[prefix + "data_sq_mean"] = torch.zeros(self.code_dim)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def random_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of k random rows: distinct rows where there are k of them, repeats only where there are not."""
+    n = rows.shape[0]
+    if n >= k:
+        return torch.randperm(n, device=rows.device)[:k]
+    return torch.cat([torch.randperm(n, device=rows.device), torch.randint(n, (k - n,), device=rows.device)])
+
+
+def kmeans_plus_plus(rows: torch.Tensor, k: int, rounds: int = KMEANS_ROUNDS) -> torch.Tensor:
+    """Indices of k rows chosen by k-means++ seeding: each next row is drawn with probability proportional to its
+    squared distance to the nearest row chosen so far, so the choice spreads over the data's regions.
+
+    Exact k-means++ draws one row at a time (k passes over the rows); for large k the draws come in `rounds`
+    rounds of ceil((k - 1) / rounds) rows, drawn without replacement from the same distances (k-means||-style;
+    about one nearest-code search in all). No row is picked twice (rows already chosen have distance 0 and are not
+    drawn again while others remain); with fewer rows than k, every row is taken and the rest repeat. Rows that are
+    copies of each other can still be picked together within a round: pass distinct rows for distinct codes.
+    """
+    n, device = rows.shape[0], rows.device
+    if n <= k:
+        return random_rows(rows, k)
+    sqnorm = rows.square().sum(dim=1)
+    chosen = torch.randint(n, (1,), device=device)
+    d2 = (rows - rows[chosen]).square().sum(dim=1)
+    per_round = math.ceil((k - 1) / rounds)
+    picked = [chosen]
+    taken = 1
+    while taken < k:
+        m = min(per_round, k - taken)
+        d2[chosen] = 0.0
+        # A floor far below any real distance keeps every weight positive (multinomial without replacement needs
+        # m of them) without changing the draw while distances remain.
+        weights = d2 + d2.amax().clamp(min=1e-20) * 1e-12
+        chosen = torch.multinomial(weights, m, replacement=False)
+        new = rows[chosen]
+        dist = (sqnorm[:, None] - 2.0 * rows @ new.T + new.square().sum(dim=1)[None, :]).clamp(min=0.0)
+        d2 = torch.minimum(d2, dist.amin(dim=1))
+        picked.append(chosen)
+        taken += m
+    return torch.cat(picked)
+
+
+def _check_codebook_config(num_codes, code_dim, decay, eps, init, dead_code_threshold, dead_code_patience, restart_count,
+                           backend, precision):  # noqa: PLR0913
+    if not isinstance(num_codes, int) or num_codes < 1:
+        raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
+    if not isinstance(code_dim, int) or code_dim < 1:
+        raise ValueError(f"dim and codebook_dim must be positive ints, got {code_dim!r}")
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
+        raise ValueError(f"dead_code_threshold must be finite and >= 0, got {dead_code_threshold}")
+    if not isinstance(dead_code_patience, int) or dead_code_patience < 0:
+        raise ValueError(f"dead_code_patience must be an int >= 0 (steps; 0 = off), got {dead_code_patience!r}")
+    if restart_count is not None and not (restart_count > 0.0 and math.isfinite(restart_count)):
+        raise ValueError(f"restart_count must be positive and finite (or None), got {restart_count}")
+    for name, value, allowed in (("init", init, INITS), ("backend", backend, BACKENDS),
+                                 ("precision", precision, kernels.PRECISIONS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
