@@ -2,6 +2,11 @@
 a crash while saving, reports bad input clearly; and the encoder CLI writes code grids that decode."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +133,42 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mo
     assert survivor["step"] == 5 and torch.equal(survivor["weights"], torch.arange(4.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000005.pt"]  # no torn or temporary files
     assert checkpoint.latest_checkpoint(tmp_path) == path
+
+
+def test_a_run_removes_the_temporaries_of_killed_writers_but_not_of_live_ones(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # a writer killed mid-write: torch.save has written part of the file when the SIGKILL comes
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys, torch; import vqvae.checkpoint as c\n"
+        "def torn(state, f): f.write(b'half a checkpoint'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "c.torch.save = torn\n"
+        f"c.save_checkpoint({str(run_dir / 'ckpt_0000005.pt')!r}, {{'step': 5}})\n")],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert killed.returncode == -signal.SIGKILL
+    leaked = [p.name for p in run_dir.glob(".*.tmp")]
+    assert len(leaked) == 1, leaked
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: its pid is no longer alive
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        dead_old = f".ckpt_0000003.pt.{finished.pid}.tmp"  # the name before the host was added
+        dead_best = f".best.pt.{socket.gethostname()}.{finished.pid}.tmp"
+        live_other = f".ckpt_0000004.pt.{live.pid}.tmp"  # e.g. another rank's process on this host
+        live_self = f".ckpt_0000006.pt.{socket.gethostname()}.{os.getpid()}.tmp"
+        other_host = f".ckpt_0000007.pt.elsewhere.example.{finished.pid}.tmp"  # its pid means nothing here
+        for name in (dead_old, dead_best, live_other, live_self, other_host):
+            (run_dir / name).write_bytes(b"partial")
+        capsys.readouterr()
+        train(tiny_config(run_dir, max_steps=2))
+        out, err = capsys.readouterr()
+        assert sorted(p.name for p in run_dir.glob(".*.tmp")) == sorted([live_other, live_self, other_host])
+        assert "removed 3 temporary file(s)" in out and leaked[0] in out
+        assert "kept 3 temporary file(s)" in err
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_resume_refuses_a_different_model(tmp_path):

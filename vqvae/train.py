@@ -42,7 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vqvae.checkpoint import (BEST_NAME, CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
-                              load_checkpoint, prune_checkpoints, rng_state, save_checkpoint)
+                              load_checkpoint, prune_checkpoints, remove_stale_temporaries, rng_state,
+                              save_checkpoint)
 from vqvae.config import (Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, config_to_yaml,
                           load_config, validate)
 from vqvae.data import DataError, make_datasets, make_loader
@@ -381,6 +382,7 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
         train_set, val_set = make_datasets(cfg.data, cfg.train.seed)  # first: a missing dataset should fail fast
     if procs.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_run_dir(run_dir)  # rank 0 alone writes checkpoints, so it alone clears what a killed writer left
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(cfg).to(device)
@@ -502,6 +504,17 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
     if procs.main:
         print_summary(summary)
     return summary
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove the temporary files of checkpoint writes cut short by a SIGKILL, and say what was kept."""
+    removed, kept = remove_stale_temporaries(run_dir)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) of interrupted checkpoint writes in {run_dir}: "
+              + ", ".join(p.name for p in removed))
+    if kept:
+        print(f"note: kept {len(kept)} temporary file(s) in {run_dir} whose writer may be alive (its process, "
+              f"or one on another host): " + ", ".join(p.name for p in kept), file=sys.stderr)
 
 
 def _quiet(*args, **kwargs) -> None:
