@@ -63,6 +63,12 @@ class ImageSource:
             self.cache[i] = image
         return image
 
+    def describe(self, i: int) -> str:
+        """Item ``i`` as a message names it, without loading it (a hub row would be decoded again)."""
+        if isinstance(self.items, _HubRows):
+            return f"row {self.items.positions[i]} of {self.name}"
+        return str(self.items[i])
+
     def subset(self, positions) -> ImageSource:
         if isinstance(self.items, _HubRows):
             items = self.items.subset(positions)
@@ -161,7 +167,7 @@ class _HubRows:
         value = self.ds[self.positions[i]][self.key]
         if isinstance(value, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
             import io
-            value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+            value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else _open_image(value["path"])
         return value
 
     def subset(self, positions) -> _HubRows:
@@ -212,8 +218,8 @@ class ImageDataset(Dataset):
         return to_tensor(random_crop(image, self.size, self.crop_scale, self.hflip, rng))
 
     def _load(self, i: int) -> Image.Image:
-        # A file can pass the header check at start-up and still fail to decode (truncated data): report it
-        # once and use the next image, so one bad file cannot stop a run.
+        # A file can change on disk after the start-up check, and hub rows are not checked at all: report a bad
+        # one once and use the next image, so one bad file cannot stop a run.
         for step in range(len(self.source)):
             j = (i + step) % len(self.source)
             if j in self.failed:
@@ -224,7 +230,7 @@ class ImageDataset(Dataset):
                 return image
             except Exception as e:
                 self.failed.add(j)
-                warnings.warn(f"data: skipping unreadable image {self.source.items[j]}: {e}")
+                warnings.warn(f"data: skipping unreadable image {self.source.describe(j)}: {e}")
         raise DataError(f"no image of {self.source.name} could be read")
 
 
@@ -314,7 +320,12 @@ def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int, seed: 
 # ---- helpers ----
 
 def _open_image(path: str) -> Image.Image:
-    return Image.open(path)
+    """Decoded at once and the file closed, even when decoding fails: Pillow otherwise keeps it open until the
+    image is collected (an "unclosed file" ResourceWarning, and one descriptor per bad file meanwhile)."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    return image
 
 
 def _identity(x):
@@ -322,10 +333,24 @@ def _identity(x):
 
 
 def _readable(path: Path) -> bool:
-    """A cheap check at start-up: the header parses and (for PNG) the chunk checksums hold."""
+    """The start-up check: is this a whole, decodable image?
+
+    ``verify()`` reads a PNG to its end, checking every chunk's CRC, and a WebP's container sizes, so a cut or
+    damaged file fails it cheaply (about 0.5 ms for a 768 px image); a full decode would cost 30 times that. For
+    a JPEG it reads only the header, so a JPEG is also decoded, at 1/8 scale (``draft``): that still
+    entropy-decodes every block, so truncated scan data fails, at about half a full decode's cost (1.5 ms at
+    768 px, so 15 s for 10,000 photographs on one core). Any other format is decoded in full.
+    """
     try:
-        with Image.open(path) as image:
-            image.verify()
+        with open(path, "rb") as f:
+            with Image.open(f) as image:
+                image.verify()
+                decode = image.format not in ("PNG", "WEBP")
+            if decode:
+                f.seek(0)
+                with Image.open(f) as image:
+                    image.draft(None, (1, 1))
+                    image.load()
         return True
     except Exception:
         return False
