@@ -171,6 +171,16 @@ def test_a_run_removes_the_temporaries_of_killed_writers_but_not_of_live_ones(tm
         live.wait()
 
 
+def test_each_evaluation_writes_the_codebook_usage_chart_to_the_run_folder(tmp_path):
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, max_steps=4, eval_every=2))  # wandb disabled: the files must not depend on it
+    assert sorted(p.name for p in run_dir.glob("usage_*.png")) == ["usage_0000002.png", "usage_0000004.png"]
+    with Image.open(run_dir / "usage_0000004.png") as chart:
+        assert chart.format == "PNG" and chart.size == (800, 260)
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     train(tiny_config(tmp_path / "run", max_steps=2))
     cfg = tiny_config(tmp_path / "run", max_steps=4)

@@ -339,12 +339,13 @@ def log(metrics_file, run, step: int, values: dict, images: dict | None = None) 
 
 def evaluate_and_log(model, val_loader, cfg: Config, device, run_dir: Path, step: int, metrics_file, run,
                      bar) -> tuple[dict, Path]:
-    """Score the validation split, write the reconstruction grid, log both plus the codebook-usage picture."""
+    """Score the validation split, write the reconstruction grid and the codebook-usage chart, log all three."""
     metrics, sample = evaluate(model, val_loader, cfg, device, cfg.train.eval_batches)
     grid = reconstruction_grid(*sample)
     grid_path = run_dir / f"recon_{step:07d}.png"
     grid.save(grid_path)
     hist = usage_histogram(model.quantizer.cluster_size, cfg.quantizer.dead_code_threshold)
+    hist.save(run_dir / f"usage_{step:07d}.png")  # in the run folder too: W&B may be off or never synced
     log(metrics_file, run, step, {f"val/{k}": v for k, v in metrics.items()},
         images={"val/reconstructions": grid, "val/codebook_usage": hist})
     bar.write(f"step {step}: val recon {metrics['recon_loss']:.4f}  psnr {metrics['psnr']:.2f} dB  "
