@@ -199,6 +199,27 @@ def test_a_finished_run_does_nothing_and_never_refuses_to_overwrite(tmp_path, ca
         train(tiny_config(tmp_path / "empty", max_steps=2, resume="latest"))
 
 
+def test_rerunning_a_run_keeps_adding_to_its_one_wandb_run(tmp_path):
+    if not _has_wandb():
+        pytest.skip("wandb is not installed (it is optional)")
+    run_dir = tmp_path / "run"
+
+    def rerun(max_steps: int) -> tuple[dict, list[str]]:
+        cfg = tiny_config(run_dir, max_steps=max_steps)
+        cfg.wandb.mode = "offline"
+        summary = train(cfg)
+        return summary, sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+
+    _, folders = rerun(2)
+    run_id = checkpoint.load_checkpoint(run_dir / "ckpt_0000002.pt")["progress"]["wandb_id"]
+    assert run_id and folders == [folders[0]] and folders[0].endswith(f"-{run_id}")
+    summary, again = rerun(2)  # finished: nothing to train, so nothing for W&B either
+    assert summary["steps"] == 0 and again == folders
+    summary, continued = rerun(4)  # a resumed run: a second folder of the same run, which wandb sync joins up
+    assert summary["steps"] == 2 and len(continued) == 2 and all(f.endswith(f"-{run_id}") for f in continued)
+    assert checkpoint.load_checkpoint(run_dir / "ckpt_0000004.pt")["progress"]["wandb_id"] == run_id
+
+
 def test_command_line_errors_name_the_key_and_the_file(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  max_step: 5\n")

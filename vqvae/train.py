@@ -422,7 +422,11 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
         model.encoder.compile()
         model.decoder.compile()
     parallel_model = wrap_model(model, device, procs)  # what train_step runs; evaluation and saving use model
-    run = start_wandb(cfg, run_dir, progress.wandb_id) if procs.main else None
+    # A finished run has nothing to log: starting W&B would only add an empty offline folder. Otherwise the
+    # checkpoint's wandb_id resumes the same W&B run (a new offline folder with the same id, which wandb sync
+    # uploads into that run after the first).
+    has_work = progress.step < cfg.train.max_steps
+    run = start_wandb(cfg, run_dir, progress.wandb_id) if procs.main and has_work else None
     progress.wandb_id = run.id if run is not None else progress.wandb_id
     if ckpt is not None:
         restore_rng(ckpt, procs, cfg.train.seed)  # last, after everything above that may draw random numbers
