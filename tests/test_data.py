@@ -12,7 +12,8 @@ from PIL import Image
 
 from vqvae.config import DataConfig
 from vqvae.data import (DataError, ImageDataset, ImageSource, ResumableBatchSampler, _HubRows, _identity,
-                        builtin_source, folder_source, hf_source, make_datasets, make_loader, split_source)
+                        available_cpus, builtin_source, folder_source, hf_source, make_datasets, make_loader,
+                        split_source, usable_workers)
 
 
 def save_image(path, mode: str, size=(40, 30)):
@@ -173,6 +174,19 @@ def test_loader_batches_do_not_depend_on_worker_count():
     val_batches = list(make_loader(val, 3, num_workers=0, train=False))
     assert [b.shape[0] for b in val_batches] == [3, 1]
     assert torch.equal(torch.cat(val_batches), torch.cat(list(make_loader(val, 3, 0, train=False))))
+
+
+def test_loader_workers_are_capped_by_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # e.g. taskset or a container
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert available_cpus() == 2 and usable_workers(4) == 2 and usable_workers(1) == 1 and usable_workers(0) == 0
+    val = make_datasets(DataConfig(image_size=16, val_samples=4), seed=0)[1]
+    assert make_loader(val, 2, num_workers=4, train=False).num_workers == 2
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: the machine's count
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert available_cpus() == 3 and usable_workers(8) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undetermined"
+    assert available_cpus() == 1
 
 
 def test_hub_dataset_rows_become_training_images(monkeypatch):

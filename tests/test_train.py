@@ -181,6 +181,21 @@ def test_each_evaluation_writes_the_codebook_usage_chart_to_the_run_folder(tmp_p
         assert chart.format == "PNG" and chart.size == (800, 260)
 
 
+def test_more_loader_workers_than_cpus_are_lowered_once_with_a_note(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # this process may use 1 CPU
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    cfg = tiny_config(tmp_path / "run", max_steps=2, eval_every=2)
+    cfg.data.num_workers = 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "data.num_workers" in line]
+    assert len(notes) == 1 and "4 lowered to 1" in notes[0], notes
+    assert not [str(w.message) for w in caught if "worker" in str(w.message)]
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     train(tiny_config(tmp_path / "run", max_steps=2))
     cfg = tiny_config(tmp_path / "run", max_steps=4)

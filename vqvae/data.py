@@ -310,11 +310,25 @@ def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int, seed: 
     # A generator of the loader's own: otherwise each new iterator draws its workers' base seed from torch's
     # global RNG, and a resumed run (which makes one more iterator) would drift from an uninterrupted one.
     generator = torch.Generator().manual_seed(seed)
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, generator=generator)
+    common = dict(num_workers=usable_workers(num_workers), pin_memory=pin_memory, generator=generator)
     if train:
         sampler = ResumableBatchSampler(len(dataset), batch_size, seed, start_batch, rank, world_size)
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **common)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the platform has one (taskset, a container or a
+    batch scheduler can allow fewer than the machine has), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` loader worker processes, at most one per available CPU: more would only take turns on the
+    same cores (and torch's DataLoader warns about them). The trainer says when it lowers data.num_workers."""
+    return min(requested, available_cpus())
 
 
 # ---- helpers ----

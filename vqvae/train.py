@@ -46,7 +46,7 @@ from vqvae.checkpoint import (BEST_NAME, CheckpointError, checkpoint_path, lates
                               save_checkpoint)
 from vqvae.config import (Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, config_to_yaml,
                           load_config, validate)
-from vqvae.data import DataError, make_datasets, make_loader
+from vqvae.data import DataError, available_cpus, make_datasets, make_loader, usable_workers
 from vqvae.distributed import (Processes, barrier, gather_rng_states, main_process_first, mean_over_ranks, restore_rng,
                                start_processes, stop_processes, wrap_model)
 from vqvae.images import reconstruction_grid, usage_histogram
@@ -403,6 +403,8 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
             progress.world_size = procs.world_size
 
     pin = device.type == "cuda"
+    if usable_workers(cfg.data.num_workers) < cfg.data.num_workers:  # make_loader lowers it
+        say(f"data.num_workers: {cfg.data.num_workers} lowered to {available_cpus()}, the CPUs this process may use")
     loader = make_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, seed=cfg.train.seed,
                          start_batch=progress.batches_drawn, pin_memory=pin, rank=procs.rank,
                          world_size=procs.world_size)
