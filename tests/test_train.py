@@ -3,6 +3,7 @@ a crash while saving, reports bad input clearly; and the encoder CLI writes code
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -258,11 +259,15 @@ def test_naruto_config_fails_fast_without_the_hub(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "run").exists()
 
 
-def test_encode_writes_code_grids_that_decode_to_the_reconstructions(tmp_path):
+def test_encode_writes_code_grids_that_decode_to_the_reconstructions(tmp_path, capsys):
     run_dir = tmp_path / "run"
     train(tiny_config(run_dir, max_steps=6))
+    capsys.readouterr()
     meta = encode(run_dir / "ckpt_0000006.pt", tmp_path / "codes", split="all", batch_size=16, num_recon=4,
                   device="cpu")
+    out = capsys.readouterr().out  # the built-in split: many crops of a few photographs, and it says so
+    said = r"^train: 64 crops of \d+ image\(s\) -> .*^val: 8 crops of \d+ image\(s\) -> "
+    assert re.search(said, out, re.M | re.S), out
     assert meta["grid"] == [8, 8] and meta["splits"]["val"]["count"] == 8
     codes = np.load(tmp_path / "codes" / "codes_val.npy")
     assert codes.shape == (8, 8, 8) and codes.dtype == np.uint16 and codes.max() < 64
