@@ -1,5 +1,6 @@
 """The three data sources, the sample transform, the split, and the resumable batch order."""
 
+import gc
 import os
 import time
 import warnings
@@ -10,8 +11,9 @@ import torch
 from PIL import Image
 
 from vqvae.config import DataConfig
-from vqvae.data import (DataError, ImageDataset, ResumableBatchSampler, builtin_source, folder_source, hf_source,
-                        make_datasets, make_loader, split_source)
+from vqvae.data import (DataError, ImageDataset, ImageSource, ResumableBatchSampler, _HubRows, _identity,
+                        available_cpus, builtin_source, folder_source, hf_source, make_datasets, make_loader,
+                        split_source, usable_workers)
 
 
 def save_image(path, mode: str, size=(40, 30)):
@@ -76,6 +78,42 @@ def test_a_file_that_fails_late_is_skipped_with_a_warning(tmp_path):
     assert any("late.jpg" in str(w.message) for w in caught)
 
 
+def test_a_truncated_jpeg_is_counted_with_the_unreadable_files_at_start_up(tmp_path, capsys):
+    save_image(tmp_path / "good.png", "RGB")
+    save_image(tmp_path / "whole.jpg", "RGB", size=(64, 48))
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) * 2 // 3])  # the header parses; the scan data stops short
+    source = folder_source(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in source.items) == ["good.png", "whole.jpg"]
+    assert source.skipped == 1
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image file(s) of 3" in err and "cut.jpg" in err
+
+
+def test_loading_leaves_no_file_open_even_when_decoding_fails(tmp_path):
+    for name in ("good.png", "head.jpg", "body.jpg"):
+        save_image(tmp_path / name, "RGB", size=(64, 48))
+    source = folder_source(str(tmp_path))
+    # both cut after the start-up check: one inside its header (Image.open fails), one inside its scan data
+    for name, keep in (("head.jpg", 300), ("body.jpg", None)):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:keep or len(data) * 2 // 3])
+    # the same files as hub rows stored by path (an undecoded datasets Image feature)
+    rows = [{"image": {"bytes": None, "path": path}} for path in source.items]
+    hub = ImageSource("hf:rows", _HubRows(rows, "image"), _identity)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for src in (source, hub):
+            dataset = ImageDataset(src, 8, 1.0, False, seed=0)
+            assert torch.stack([dataset[i] for i in range(len(dataset))]).shape == (3, 3, 8, 8)
+        del dataset, src
+        gc.collect()  # an unclosed file warns when it is collected
+    skipped = [str(w.message) for w in caught if "skipping unreadable image" in str(w.message)]
+    assert len(skipped) == 4, skipped  # each bad file once per dataset
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, leaks
+
+
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="image folder not found: .*nowhere"):
         folder_source(str(tmp_path / "nowhere"))
@@ -136,6 +174,19 @@ def test_loader_batches_do_not_depend_on_worker_count():
     val_batches = list(make_loader(val, 3, num_workers=0, train=False))
     assert [b.shape[0] for b in val_batches] == [3, 1]
     assert torch.equal(torch.cat(val_batches), torch.cat(list(make_loader(val, 3, 0, train=False))))
+
+
+def test_loader_workers_are_capped_by_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # e.g. taskset or a container
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert available_cpus() == 2 and usable_workers(4) == 2 and usable_workers(1) == 1 and usable_workers(0) == 0
+    val = make_datasets(DataConfig(image_size=16, val_samples=4), seed=0)[1]
+    assert make_loader(val, 2, num_workers=4, train=False).num_workers == 2
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: the machine's count
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert available_cpus() == 3 and usable_workers(8) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undetermined"
+    assert available_cpus() == 1
 
 
 def test_hub_dataset_rows_become_training_images(monkeypatch):

@@ -2,6 +2,12 @@
 a crash while saving, reports bad input clearly; and the encoder CLI writes code grids that decode."""
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +137,67 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mo
     assert checkpoint.latest_checkpoint(tmp_path) == path
 
 
+def test_a_run_removes_the_temporaries_of_killed_writers_but_not_of_live_ones(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # a writer killed mid-write: torch.save has written part of the file when the SIGKILL comes
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys, torch; import vqvae.checkpoint as c\n"
+        "def torn(state, f): f.write(b'half a checkpoint'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "c.torch.save = torn\n"
+        f"c.save_checkpoint({str(run_dir / 'ckpt_0000005.pt')!r}, {{'step': 5}})\n")],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert killed.returncode == -signal.SIGKILL
+    leaked = [p.name for p in run_dir.glob(".*.tmp")]
+    assert len(leaked) == 1, leaked
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: its pid is no longer alive
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        dead_old = f".ckpt_0000003.pt.{finished.pid}.tmp"  # the name before the host was added
+        dead_best = f".best.pt.{socket.gethostname()}.{finished.pid}.tmp"
+        live_other = f".ckpt_0000004.pt.{live.pid}.tmp"  # e.g. another rank's process on this host
+        live_self = f".ckpt_0000006.pt.{socket.gethostname()}.{os.getpid()}.tmp"
+        other_host = f".ckpt_0000007.pt.elsewhere.example.{finished.pid}.tmp"  # its pid means nothing here
+        for name in (dead_old, dead_best, live_other, live_self, other_host):
+            (run_dir / name).write_bytes(b"partial")
+        capsys.readouterr()
+        train(tiny_config(run_dir, max_steps=2))
+        out, err = capsys.readouterr()
+        assert sorted(p.name for p in run_dir.glob(".*.tmp")) == sorted([live_other, live_self, other_host])
+        assert "removed 3 temporary file(s)" in out and leaked[0] in out
+        assert "kept 3 temporary file(s)" in err
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_each_evaluation_writes_the_codebook_usage_chart_to_the_run_folder(tmp_path):
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, max_steps=4, eval_every=2))  # wandb disabled: the files must not depend on it
+    assert sorted(p.name for p in run_dir.glob("usage_*.png")) == ["usage_0000002.png", "usage_0000004.png"]
+    with Image.open(run_dir / "usage_0000004.png") as chart:
+        assert chart.format == "PNG" and chart.size == (800, 260)
+
+
+def test_more_loader_workers_than_cpus_are_lowered_once_with_a_note(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # this process may use 1 CPU
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    cfg = tiny_config(tmp_path / "run", max_steps=2, eval_every=2)
+    cfg.data.num_workers = 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "data.num_workers" in line]
+    assert len(notes) == 1 and "4 lowered to 1" in notes[0], notes
+    assert not [str(w.message) for w in caught if "worker" in str(w.message)]
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     train(tiny_config(tmp_path / "run", max_steps=2))
     cfg = tiny_config(tmp_path / "run", max_steps=4)
@@ -147,6 +214,27 @@ def test_a_finished_run_does_nothing_and_never_refuses_to_overwrite(tmp_path, ca
         train(tiny_config(tmp_path / "run", max_steps=2, resume="never"))
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(tiny_config(tmp_path / "empty", max_steps=2, resume="latest"))
+
+
+def test_rerunning_a_run_keeps_adding_to_its_one_wandb_run(tmp_path):
+    if not _has_wandb():
+        pytest.skip("wandb is not installed (it is optional)")
+    run_dir = tmp_path / "run"
+
+    def rerun(max_steps: int) -> tuple[dict, list[str]]:
+        cfg = tiny_config(run_dir, max_steps=max_steps)
+        cfg.wandb.mode = "offline"
+        summary = train(cfg)
+        return summary, sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+
+    _, folders = rerun(2)
+    run_id = checkpoint.load_checkpoint(run_dir / "ckpt_0000002.pt")["progress"]["wandb_id"]
+    assert run_id and folders == [folders[0]] and folders[0].endswith(f"-{run_id}")
+    summary, again = rerun(2)  # finished: nothing to train, so nothing for W&B either
+    assert summary["steps"] == 0 and again == folders
+    summary, continued = rerun(4)  # a resumed run: a second folder of the same run, which wandb sync joins up
+    assert summary["steps"] == 2 and len(continued) == 2 and all(f.endswith(f"-{run_id}") for f in continued)
+    assert checkpoint.load_checkpoint(run_dir / "ckpt_0000004.pt")["progress"]["wandb_id"] == run_id
 
 
 def test_command_line_errors_name_the_key_and_the_file(tmp_path, capsys):
@@ -172,11 +260,15 @@ def test_naruto_config_fails_fast_without_the_hub(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "run").exists()
 
 
-def test_encode_writes_code_grids_that_decode_to_the_reconstructions(tmp_path):
+def test_encode_writes_code_grids_that_decode_to_the_reconstructions(tmp_path, capsys):
     run_dir = tmp_path / "run"
     train(tiny_config(run_dir, max_steps=6))
+    capsys.readouterr()
     meta = encode(run_dir / "ckpt_0000006.pt", tmp_path / "codes", split="all", batch_size=16, num_recon=4,
                   device="cpu")
+    out = capsys.readouterr().out  # the built-in split: many crops of a few photographs, and it says so
+    said = r"^train: 64 crops of \d+ image\(s\) -> .*^val: 8 crops of \d+ image\(s\) -> "
+    assert re.search(said, out, re.M | re.S), out
     assert meta["grid"] == [8, 8] and meta["splits"]["val"]["count"] == 8
     codes = np.load(tmp_path / "codes" / "codes_val.npy")
     assert codes.shape == (8, 8, 8) and codes.dtype == np.uint16 and codes.max() < 64

@@ -77,7 +77,8 @@ def test_two_processes_train_write_once_and_resume_exactly(tmp_path):
     assert sum(losses[-4:]) < sum(losses[:4]), losses
     assert any(r["train/dead_codes"] > 0 for r in rows), "the test should exercise dead-code re-seeding"
     assert sorted(p.name for p in straight.iterdir()) == [
-        "best.pt", "ckpt_0000006.pt", "ckpt_0000012.pt", "metrics.jsonl", "recon_0000006.png", "recon_0000012.png"]
+        "best.pt", "ckpt_0000006.pt", "ckpt_0000012.pt", "metrics.jsonl", "recon_0000006.png", "recon_0000012.png",
+        "usage_0000006.png", "usage_0000012.png"]
 
     # the checkpoint holds the bare model (no DDP "module." prefix) and every rank's RNG states
     ckpt = load_checkpoint(straight / "ckpt_0000012.pt")

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import random
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
+# save_checkpoint's temporary files: ".<name>.pt.<host>.<pid>.tmp" (before the host was added: ".<name>.pt.<pid>.tmp")
+TMP_PATTERN = re.compile(r"^\.(?P<target>.+?\.pt)\.(?:(?P<host>.+)\.)?(?P<pid>\d+)\.tmp$")
 BEST_NAME = "best.pt"
 
 
@@ -35,7 +38,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     cut.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # the writer's host and pid in the name tell a later run whether the writer is dead (remove_stale_temporaries)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -77,6 +81,33 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """Delete the temporary files of checkpoint writers that died mid-write (a SIGKILL skips save_checkpoint's
+    clean-up), and return (removed, kept).
+
+    A writer is dead when no process of its pid is alive on this host. A live pid keeps its file, whether it is
+    still that writer or (after pid reuse) another process such as a torchrun rank: a leaked file is harmless, a
+    removed one under a live writer fails its save. A file written on another host (a run folder on a shared
+    file system) is kept too, since its pid says nothing here. Call it before this process writes any checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return [], []
+    removed, kept = [], []
+    host = socket.gethostname()
+    for path in sorted(run_dir.iterdir()):
+        m = TMP_PATTERN.match(path.name)
+        if m is None:
+            continue
+        written_here = m.group("host") in (None, host)
+        if written_here and not _process_alive(int(m.group("pid"))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        else:
+            kept.append(path)
+    return removed, kept
+
+
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -97,6 +128,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would send CTRL_C_EVENT there: assume alive, keep the file
+    try:
+        os.kill(pid, 0)  # signal 0: only the existence and permission checks
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -102,7 +102,8 @@ def encode(checkpoint: Path, out_dir: Path, split: str = "val", batch_size: int 
         codes, originals, recons = encode_split(model, datasets[name], cfg, device, batch_size, num_recon)
         meta["splits"][name] = write_outputs(out_dir, name, codes, originals, recons, cfg.quantizer.num_codes)
         s = meta["splits"][name]
-        print(f"{name}: {s['count']} images -> {out_dir / s['file']} {tuple(codes.shape)} {s['dtype']}; "
+        print(f"{name}: {s['count']} crops of {len(datasets[name].source)} image(s) -> {out_dir / s['file']} "
+              f"{tuple(codes.shape)} {s['dtype']}; "
               f"{s['codes_used']} distinct codes; reconstructions from codes {s['recon_psnr_db']:.2f} dB PSNR "
               f"-> {out_dir / f'recon_{name}'}")
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

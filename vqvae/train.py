@@ -42,10 +42,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vqvae.checkpoint import (BEST_NAME, CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
-                              load_checkpoint, prune_checkpoints, rng_state, save_checkpoint)
+                              load_checkpoint, prune_checkpoints, remove_stale_temporaries, rng_state,
+                              save_checkpoint)
 from vqvae.config import (Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, config_to_yaml,
                           load_config, validate)
-from vqvae.data import DataError, make_datasets, make_loader
+from vqvae.data import DataError, available_cpus, make_datasets, make_loader, usable_workers
 from vqvae.distributed import (Processes, barrier, gather_rng_states, main_process_first, mean_over_ranks, restore_rng,
                                start_processes, stop_processes, wrap_model)
 from vqvae.images import reconstruction_grid, usage_histogram
@@ -356,12 +357,13 @@ def log(metrics_file, run, step: int, values: dict, images: dict | None = None) 
 
 def evaluate_and_log(model, val_loader, cfg: Config, device, run_dir: Path, step: int, metrics_file, run,
                      bar) -> tuple[dict, Path]:
-    """Score the validation split, write the reconstruction grid, log both plus the codebook-usage picture."""
+    """Score the validation split, write the reconstruction grid and the codebook-usage chart, log all three."""
     metrics, sample = evaluate(model, val_loader, cfg, device, cfg.train.eval_batches)
     grid = reconstruction_grid(*sample)
     grid_path = run_dir / f"recon_{step:07d}.png"
     grid.save(grid_path)
     hist = usage_histogram(model.quantizer.cluster_size, cfg.quantizer.dead_code_threshold)
+    hist.save(run_dir / f"usage_{step:07d}.png")  # in the run folder too: W&B may be off or never synced
     log(metrics_file, run, step, {f"val/{k}": v for k, v in metrics.items()},
         images={"val/reconstructions": grid, "val/codebook_usage": hist})
     bar.write(f"step {step}: val recon {metrics['recon_loss']:.4f}  psnr {metrics['psnr']:.2f} dB  "
@@ -419,6 +421,7 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
         train_set, val_set = make_datasets(cfg.data, cfg.train.seed)  # first: a missing dataset should fail fast
     if procs.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_run_dir(run_dir)  # rank 0 alone writes checkpoints, so it alone clears what a killed writer left
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(cfg).to(device)
@@ -438,6 +441,8 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
             progress.world_size = procs.world_size
 
     pin = device.type == "cuda"
+    if usable_workers(cfg.data.num_workers) < cfg.data.num_workers:  # make_loader lowers it
+        say(f"data.num_workers: {cfg.data.num_workers} lowered to {available_cpus()}, the CPUs this process may use")
     loader = make_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, seed=cfg.train.seed,
                          start_batch=progress.batches_drawn, pin_memory=pin, rank=procs.rank,
                          world_size=procs.world_size)
@@ -457,7 +462,11 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
         model.encoder.compile()
         model.decoder.compile()
     parallel_model = wrap_model(model, device, procs)  # what train_step runs; evaluation and saving use model
-    run = start_wandb(cfg, run_dir, progress.wandb_id) if procs.main else None
+    # A finished run has nothing to log: starting W&B would only add an empty offline folder. Otherwise the
+    # checkpoint's wandb_id resumes the same W&B run (a new offline folder with the same id, which wandb sync
+    # uploads into that run after the first).
+    has_work = progress.step < cfg.train.max_steps
+    run = start_wandb(cfg, run_dir, progress.wandb_id) if procs.main and has_work else None
     progress.wandb_id = run.id if run is not None else progress.wandb_id
     if ckpt is not None:
         restore_rng(ckpt, procs, cfg.train.seed)  # last, after everything above that may draw random numbers
@@ -543,6 +552,17 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
     if procs.main:
         print_summary(summary)
     return summary
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove the temporary files of checkpoint writes cut short by a SIGKILL, and say what was kept."""
+    removed, kept = remove_stale_temporaries(run_dir)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) of interrupted checkpoint writes in {run_dir}: "
+              + ", ".join(p.name for p in removed))
+    if kept:
+        print(f"note: kept {len(kept)} temporary file(s) in {run_dir} whose writer may be alive (its process, "
+              f"or one on another host): " + ", ".join(p.name for p in kept), file=sys.stderr)
 
 
 def _quiet(*args, **kwargs) -> None:
