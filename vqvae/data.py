@@ -70,6 +70,9 @@ class ImageSource:
         """Item ``i`` as a message names it, without loading it (a hub row would be decoded again)."""
         if isinstance(self.items, _HubRows):
             return f"row {self.items.positions[i]} of {self.name}"
+        if isinstance(self.items[i], tuple):  # a region of a photo (split_regions)
+            path, part, _ = self.items[i]
+            return f"{path} ({part} region)"
         return str(self.items[i])
 
     def subset(self, positions) -> ImageSource:
