@@ -120,8 +120,7 @@ class ResidualVectorQuantizerEMA(nn.Module):
         keep = None if mask is None else mask_rows(mask, grid, rows.device)
         used = self._layers_to_use(num_layers)
         with self._shared_ema_step() as step:
-            outs = self._run_layers(rows.float(), keep, used)
-        quantized = sum(out.quantized for out in outs)
+            quantized, outs = self._run_layers(rows.float(), keep, used)
         per_layer = self._per_layer_figures(outs, rows.shape[0], step)
         return ResidualQuantizerOutput(
             quantized=from_rows(quantized.to(x.dtype), x.shape, channels_first),
@@ -130,19 +129,22 @@ class ResidualVectorQuantizerEMA(nn.Module):
             **{name: per_layer[name] for name in ("losses", "perplexity", "usage", "dead_codes")},
         )
 
-    def _run_layers(self, residual: torch.Tensor, keep: torch.Tensor | None, used: int) -> list:
-        outs = []
+    def _run_layers(self, residual: torch.Tensor, keep: torch.Tensor | None, used: int):
+        """The sum of the first `used` layers' outputs, and each layer's QuantizerOutput less its output (kept in
+        the sum alone: a list of L outputs would hold L copies of the input's size)."""
+        total, outs = None, []
         for index in range(used):
             layer = self.layer(index)
             out = layer(residual, keep)
-            outs.append(out)
+            total = out.quantized if total is None else total + out.quantized
             residual = residual - out.quantized
             if layer.codebook_dim is None and not layer.cosine:
                 # A plain layer's straight-through gradient is the identity, so the gradient through this residual
                 # would cancel exactly (r - q with dq/dr = I): cutting it changes nothing and keeps the deeper
                 # layers' tensors out of the autograd graph.
                 residual = residual.detach()
-        return outs
+            outs.append(out._replace(quantized=None))
+        return total, outs
 
     def _layers_to_use(self, num_layers: int | None) -> int:
         if num_layers is not None:
