@@ -4,8 +4,11 @@
     python -m vqvae.encode --checkpoint runs/naruto/best.pt --out codes/naruto --split all --data.num_workers=8
 
 Writes into ``--out``:
-    codes_<split>.npy   (N, h, w) code indices (uint16 when the codebook has at most 65536 codes, else int32)
-    meta.json           where the codes came from: checkpoint, step, codebook size, grid shape, data, counts
+    codes_<split>.npy   (N, h, w) code indices (uint16 when the codebook has at most 65536 codes, else int32);
+                        (N, h, w, L) with L residual layers (quantizer.num_quantizers): layer l's codes at [..., l]
+    meta.json           where the codes came from: checkpoint, step, codebook size, grid shape, data, counts (with
+                        residual layers: the codes used per layer, and the reconstructions' PSNR from the first
+                        1, 2, ..., L layers)
     recon_<split>/      the first ``--num-recon`` images and their reconstructions *from the codes alone*, side
                         by side (original | reconstruction), as PNG files, and a grid of them
 
@@ -51,6 +54,20 @@ def encode_split(model, dataset, cfg, device, batch_size: int, num_recon: int):
     return (torch.cat(codes), torch.cat(originals) if originals else empty, torch.cat(recons) if recons else empty)
 
 
+def psnr_db(recons: torch.Tensor, originals: torch.Tensor) -> float:
+    """Mean PSNR of images in [-1, 1], on [0, 1] pixels (so the squared error shrinks by 4)."""
+    mse01 = ((recons.clamp(-1, 1) - originals) ** 2).mean(dim=(1, 2, 3)) / 4
+    return float((-10 * torch.log10(mse01.clamp_min(1e-10))).mean())
+
+
+@torch.no_grad()
+def psnr_by_layers(model, codes: torch.Tensor, originals: torch.Tensor, device) -> list[float]:
+    """Residual layers: the PSNR of the images decoded from the codes of the first 1, 2, ..., L layers."""
+    grids = codes[:len(originals)].to(device)
+    return [psnr_db(model.decode_codes(grids[..., :layers]).float().cpu(), originals)
+            for layers in range(1, codes.shape[-1] + 1)]
+
+
 def write_outputs(out_dir: Path, split: str, codes: torch.Tensor, originals, recons, num_codes: int) -> dict:
     dtype = np.uint16 if num_codes <= 2 ** 16 else np.int32
     np.save(out_dir / f"codes_{split}.npy", codes.numpy().astype(dtype))
@@ -60,12 +77,18 @@ def write_outputs(out_dir: Path, split: str, codes: torch.Tensor, originals, rec
         for i, (a, b) in enumerate(zip(to_uint8(originals), to_uint8(recons))):
             Image.fromarray(np.concatenate([a, b], axis=1)).save(recon_dir / f"{i:05d}.png")
         reconstruction_grid(originals[:16], recons[:16]).save(out_dir / f"recon_{split}.png")
-        mse01 = ((recons.clamp(-1, 1) - originals) ** 2).mean(dim=(1, 2, 3)) / 4
-        psnr = float((-10 * torch.log10(mse01.clamp_min(1e-10))).mean())
+        psnr = psnr_db(recons, originals)
     else:
         psnr = float("nan")
     return {"count": len(codes), "file": f"codes_{split}.npy", "dtype": np.dtype(dtype).name,
-            "recon_psnr_db": psnr, "codes_used": int(torch.unique(codes).numel())}
+            "recon_psnr_db": psnr, "codes_used": codes_used(codes, codes.ndim == 4)}
+
+
+def codes_used(codes: torch.Tensor, layered: bool) -> int | list[int]:
+    """Distinct codes in the grids; with residual layers, per layer."""
+    if not layered:
+        return int(torch.unique(codes).numel())
+    return [int(torch.unique(codes[..., layer]).numel()) for layer in range(codes.shape[-1])]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,12 +119,15 @@ def encode(checkpoint: Path, out_dir: Path, split: str = "val", batch_size: int 
     datasets = dict(zip(("train", "val"), make_datasets(cfg.data, cfg.train.seed, augment=False)))
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"checkpoint": str(checkpoint), "step": ckpt["step"], "num_codes": cfg.quantizer.num_codes,
+            "num_quantizers": cfg.quantizer.num_quantizers,
             "grid": [cfg.data.image_size // 2 ** cfg.model.num_downsamples] * 2, "image_size": cfg.data.image_size,
             "data": {"source": cfg.data.source, "name": cfg.data.name, "path": cfg.data.path}, "splits": {}}
     for name in (("train", "val") if split == "all" else (split,)):
         codes, originals, recons = encode_split(model, datasets[name], cfg, device, batch_size, num_recon)
         meta["splits"][name] = write_outputs(out_dir, name, codes, originals, recons, cfg.quantizer.num_codes)
         s = meta["splits"][name]
+        if cfg.quantizer.num_quantizers > 1 and len(originals):
+            s["recon_psnr_db_by_layers"] = psnr_by_layers(model, codes, originals, device)
         print(f"{name}: {s['count']} crops of {len(datasets[name].source)} image(s) -> {out_dir / s['file']} "
               f"{tuple(codes.shape)} {s['dtype']}; "
               f"{s['codes_used']} distinct codes; reconstructions from codes {s['recon_psnr_db']:.2f} dB PSNR "
