@@ -2,8 +2,11 @@
 
     python -m vqvae.encode --checkpoint runs/quickstart/best.pt --out runs/quickstart/codes
     python -m vqvae.encode --checkpoint runs/naruto/best.pt --out codes/naruto --split all --data.num_workers=8
+    python -m vqvae.encode --checkpoint runs/quickstart/pretrained --out runs/quickstart/codes   # save_pretrained's
+    python -m vqvae.encode --checkpoint someone/vqvae-quickstart --out codes/hub                  # a Hub repo id
 
-Writes into ``--out``:
+``--checkpoint`` takes a checkpoint file written by the trainer, a folder written by ``save_pretrained`` (or
+``python -m vqvae.export``), or the id of such a folder on the Hugging Face Hub. Writes into ``--out``:
     codes_<split>.npy   (N, h, w) code indices (uint16 when the codebook has at most 65536 codes, else int32);
                         (N, h, w, L) with L residual layers (quantizer.num_quantizers): layer l's codes at [..., l]
     meta.json           where the codes came from: checkpoint, step, codebook size, grid shape, data, counts (with
@@ -20,6 +23,7 @@ photographs, data.samples_per_epoch / data.val_samples crops); any data key can 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -29,9 +33,11 @@ import torch
 from PIL import Image
 
 from vqvae.checkpoint import CheckpointError
-from vqvae.config import ConfigError
+from vqvae.config import ConfigError, apply_overrides, config_to_dict, validate
 from vqvae.data import DataError, make_datasets, make_loader, to_uint8
+from vqvae.hub import PretrainedError
 from vqvae.images import reconstruction_grid
+from vqvae.model import VQVAE
 from vqvae.train import autocast_context, load_model, parse_overrides, pick_device
 
 
@@ -95,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vqvae.encode", description=__doc__.split("\n\n")[0],
                                      epilog="Data keys of the checkpoint's config can be overridden as "
                                             "--data.key=value or --set data.key=value.")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by vqvae.train (e.g. best.pt)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint written by vqvae.train (e.g. best.pt), a folder written by save_pretrained "
+                             "(or vqvae.export), or the Hub repo id of one")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", choices=("train", "val", "all"), default="val")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -107,18 +115,35 @@ def main(argv: list[str] | None = None) -> None:
     try:
         encode(Path(args.checkpoint), Path(args.out), args.split, args.batch_size, args.num_recon, args.device,
                overrides)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, PretrainedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def load_tokenizer(source: str | Path, device, overrides: list[str] = ()):
+    """(model in eval mode, its config, the training step or None) from a checkpoint file, a pretrained folder or
+    a Hub repo id. Overrides of a pretrained model's config may change its data and train keys, not its shapes."""
+    if Path(source).is_file() or Path(source).suffix == ".pt":  # (a missing .pt file: "checkpoint not found")
+        model, cfg, ckpt = load_model(source, device, overrides)
+        return model, cfg, ckpt["step"]
+    model = VQVAE.from_pretrained(str(source), map_location=str(device))
+    cfg = copy.deepcopy(model.config)
+    apply_overrides(cfg, list(overrides))
+    validate(cfg, source=f"{source} (with command-line overrides)")
+    for section in ("model", "quantizer"):
+        if config_to_dict(cfg)[section] != config_to_dict(model.config)[section]:
+            raise ConfigError(f"{section}.* cannot be overridden for the pretrained model {source}: its weights "
+                              f"were trained with the {section} section of its config.json")
+    return model, cfg, None
 
 
 def encode(checkpoint: Path, out_dir: Path, split: str = "val", batch_size: int = 64, num_recon: int = 16,
            device: str = "auto", overrides: list[str] = ()) -> dict:
     device = pick_device(device)
-    model, cfg, ckpt = load_model(checkpoint, device, overrides)
+    model, cfg, step = load_tokenizer(checkpoint, device, overrides)
     datasets = dict(zip(("train", "val"), make_datasets(cfg.data, cfg.train.seed, augment=False)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"checkpoint": str(checkpoint), "step": ckpt["step"], "num_codes": cfg.quantizer.num_codes,
+    meta = {"checkpoint": str(checkpoint), "step": step, "num_codes": cfg.quantizer.num_codes,
             "num_quantizers": cfg.quantizer.num_quantizers,
             "grid": [cfg.data.image_size // 2 ** cfg.model.num_downsamples] * 2, "image_size": cfg.data.image_size,
             "data": {"source": cfg.data.source, "name": cfg.data.name, "path": cfg.data.path}, "splits": {}}

@@ -6,7 +6,8 @@ original VQ-VAE (van den Oord et al., 2017): strided 4x4 convolutions, a stack o
 normalisation layers.
 
 With `quantizer.num_quantizers` > 1 the quantizer is a `ResidualVectorQuantizerEMA` and every code grid gains a
-trailing layer axis.
+trailing layer axis. `VQVAE.save_pretrained(folder)` / `VQVAE.from_pretrained(folder or repo id)` write and read the
+weights (model.safetensors) with the configuration beside them (config.json): see `vqvae.hub`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vqvae.config import Config
+from vqvae.config import Config, config_from_dict
+from vqvae.hub import HubMixin
 from vqvae.quantizer import QuantizerOutput, VectorQuantizerEMA
 from vqvae.residual import ResidualQuantizerOutput, ResidualVectorQuantizerEMA
 
@@ -79,9 +81,10 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
-class VQVAE(nn.Module):
-    def __init__(self, cfg: Config):
+class VQVAE(nn.Module, HubMixin):
+    def __init__(self, config: Config):
         super().__init__()
+        self.config = cfg = config  # config.json of save_pretrained
         m = cfg.model
         self.encoder = Encoder(m.in_channels, m.hidden_channels, m.num_downsamples, m.residual_layers,
                                m.residual_hidden)
@@ -117,6 +120,12 @@ class VQVAE(nn.Module):
         dtype = next(self.decoder.parameters()).dtype
         return self.decoder(z.to(dtype).contiguous())
 
+    @classmethod
+    def _constructor_arguments(cls, kwargs: dict, config_file: str) -> dict:
+        # config.json holds the Config as plain JSON: back to the dataclass, validated, errors naming the file.
+        if isinstance(kwargs.get("config"), dict):
+            kwargs = {**kwargs, "config": config_from_dict(kwargs["config"], source=str(config_file))}
+        return kwargs
 
 
 def build_quantizer(cfg: Config) -> VectorQuantizerEMA | ResidualVectorQuantizerEMA:

@@ -34,6 +34,9 @@ can be decoded at any depth. The draw comes from a counter kept in the state (no
 process under torch.distributed runs the same layers (each layer all-reduces its statistics) and a resumed run draws
 what the uninterrupted one would have. Dropped layers report index -1, loss 0, perplexity 1 and usage 0, and their
 codebooks do not move.
+
+Saving: `save_pretrained(folder)` / `ResidualVectorQuantizerEMA.from_pretrained(folder or repo id)` write and read
+the constructor's arguments and every layer's state as config.json and model.safetensors (`vqvae.hub`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from vqvae.hub import HubMixin
 from vqvae.layout import LAYOUTS, from_rows, grid_shape, mask_rows, to_rows
 from vqvae.quantizer import VectorQuantizerEMA
 
@@ -67,7 +71,7 @@ class ResidualStep:
     dead_codes: torch.Tensor | None = None
 
 
-class ResidualVectorQuantizerEMA(nn.Module):
+class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
     """Quantize (B, dim, *spatial) or (..., dim) tensors with `num_quantizers` residual layers of `num_codes` codes.
 
     `shared_codebook`: one codebook for every layer (see the module docstring). `layer_dropout`: in training, use
