@@ -1,8 +1,11 @@
 """ResidualVectorQuantizerEMA: what each layer quantizes, the gradients, the shared codebook's one EMA step,
-quantizer dropout, codes at any depth, masks, accumulation, non-finite input and bad arguments."""
+quantizer dropout, codes at any depth, masks, accumulation, several processes, non-finite input and bad
+arguments."""
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from kernels import reference
 from vqvae.quantizer import VectorQuantizerEMA
@@ -238,3 +241,52 @@ def test_layer_code_counts():
 def test_bad_arguments_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ResidualVectorQuantizerEMA(num_codes=CODES, dim=DIM, **kwargs)
+
+
+DIST_STEPS = 6  # dropout's draws use 2, 1, 1, 1, 1, 3 layers: the third layer starts at the last step
+
+
+def _rank_batch(step, rank, rows=30):
+    return torch.randn(rows, DIM, generator=torch.Generator().manual_seed(1000 * step + rank))
+
+
+def _distributed_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        start = torch.load(f"{out_dir}/start.pt")
+        torch.manual_seed(100 + rank)  # each rank draws its own restart candidates and first-batch picks
+        stacks = {
+            "restarting": ResidualVectorQuantizerEMA(3, CODES, DIM, backend="torch", dead_code_threshold=2.0,
+                                                     layer_dropout=True),
+            "shared": ResidualVectorQuantizerEMA(3, CODES, DIM, backend="torch", shared_codebook=True),
+            "plain": ResidualVectorQuantizerEMA(3, CODES, DIM, backend="torch", dead_code_threshold=0.0),
+        }
+        stacks["plain"].load_state_dict(start)
+        for step in range(DIST_STEPS):
+            for stack in stacks.values():
+                stack(_rank_batch(step, rank) * (rank + 1))
+        torch.save({name: stack.state_dict() for name, stack in stacks.items()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_keep_identical_codebooks_in_every_layer(tmp_path):
+    """Each layer all-reduces its own statistics; dropout draws the same layers on every rank."""
+    start = ResidualVectorQuantizerEMA(3, CODES, DIM, backend="torch", dead_code_threshold=0.0)
+    start(torch.randn(60, DIM))
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for name, state in states[0].items():
+        for key, value in state.items():
+            assert torch.equal(value, states[1][name][key]), f"{name}.{key} differs between ranks"
+    # (a layer that dropout has not reached yet keeps its placeholder codes, which differ: the steps reach all)
+    assert int(states[0]["restarting"]["dropout_draws"]) == DIST_STEPS
+    assert all(bool(states[0]["restarting"][f"layers.{layer}.initialized"]) for layer in range(3))
+    # From one state and without restarts, the two ranks make the steps of one process that sees both batches.
+    single = ResidualVectorQuantizerEMA(3, CODES, DIM, backend="torch", dead_code_threshold=0.0)
+    single.load_state_dict(start.state_dict())
+    for step in range(DIST_STEPS):
+        single(torch.cat([_rank_batch(step, rank) * (rank + 1) for rank in range(2)]))
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(states[0]["plain"][key], value, rtol=1e-5, atol=1e-5, msg=key)

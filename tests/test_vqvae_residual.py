@@ -107,7 +107,8 @@ def test_one_quantizer_is_the_model_of_before():
     cfg.quantizer.num_quantizers = 3
     residual = build_model(cfg).quantizer
     assert isinstance(residual, ResidualVectorQuantizerEMA) and len(residual.layers) == 3
-    assert residual.layout == "channels_first" and residual.layer(2).commitment_weight == cfg.quantizer.commitment_weight
+    assert residual.layout == "channels_first"
+    assert residual.layer(2).commitment_weight == cfg.quantizer.commitment_weight
 
 
 @pytest.mark.parametrize("key", ["shared_codebook", "layer_dropout"])
