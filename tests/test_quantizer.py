@@ -297,3 +297,23 @@ def test_explicit_layout_resolves_the_ambiguous_shape(device):
 def test_bad_configuration_is_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VectorQuantizerEMA(**{"num_codes": 8, "dim": 4, **kwargs})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decay", [0.0, 0.99])
+@pytest.mark.parametrize("empty", ["masked", "nan"])
+def test_a_batch_with_no_usable_rows_leaves_the_state_exactly_as_it_was(backend, decay, empty, device):
+    """Every position masked out, or every vector NaN: nothing to learn from, so no buffer changes, whatever the
+    decay. With decay 0 this used to turn every code into NaN (0 / 0 in the Laplace smoothing)."""
+    quantizer = VectorQuantizerEMA(64, 16, decay=decay, backend=backend, dead_code_patience=1).to(device)
+    quantizer(torch.randn(3, 16, 5, 5, device=device))
+    state = {k: v.clone() for k, v in quantizer.state_dict().items()}
+    x = torch.randn(3, 16, 5, 5, device=device)
+    if empty == "masked":
+        out = quantizer(x, mask=torch.zeros(3, 5, 5, dtype=torch.bool, device=device))
+    else:
+        out = quantizer(torch.full_like(x, float("nan")))
+    for name, value in quantizer.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert out.dead_codes.item() == 0
+    assert torch.isfinite(quantizer(x).loss), "the next batch trains as usual"

@@ -23,10 +23,10 @@ Rules:
   at the edge of the cloud. The decay is a device tensor: no host read, one compiled graph for every step.
 - Affine re-parameterisation (`affine_reparam`, after Huh et al. 2023, "Straightening out the straight-through
   estimator"): the codes are kept in the frame of the data's running per-feature mean and standard deviation.
-  After every step the frame follows the batch's moments and every code moves with it,
+  Before each training batch is searched the frame follows its moments and every code moves with it,
   c -> mean' + std' / std * (c - mean), so when the encoder's outputs shift or grow (at the seed configuration
-  their spread grows about tenfold in the first hundred steps) every code follows, the unused ones too. The moments
-  follow the data with the EMA's (warmed-up) decay capped at 0.5. The state stays in the data's coordinates.
+  their spread grows about tenfold in the first hundred steps) every code follows at once, the unused ones too.
+  The state stays in the data's coordinates; eval mode leaves the frame where training left it.
 - Cosine codes (`cosine`): the rows arrive l2-normalised, and the codes are put back on the unit sphere after
   every EMA step, so the nearest code is the one of highest cosine similarity.
 - Dead codes: a code is dead when its EMA count falls under `dead_code_threshold` (rows per step) or when it has
@@ -50,7 +50,7 @@ from torch import nn
 
 import kernels
 from kernels import reference
-from vqvae.sync import broadcast_from_rank0, sum_across_ranks, world_size
+from vqvae.sync import broadcast_from_rank0, sum_across_ranks, sum_moments_across_ranks, world_size
 
 BACKENDS = ("auto", "triton", "torch")
 INITS = ("kmeans++", "random")
@@ -58,9 +58,9 @@ WARMUP_STEPS = 10  # the warm-up's decay is (1 + t) / (WARMUP_STEPS + t)
 KMEANS_ROUNDS = 64
 # ema_steps of a state loaded without one (written before the warm-up existed): a codebook long past its warm-up.
 TRAINED = 2 ** 40
-# The moments follow the data faster than the codes: a batch measures them precisely (n rows for D numbers), and a
-# lagging frame is what leaves codes behind a growing cloud.
-MOMENT_DECAY = 0.5
+# The frame's horizon, in rows: a batch of n rows weighs n / (n + MOMENT_ROWS) in the running moments. A batch
+# measures 2D numbers from n rows precisely, and a lagging frame is what leaves codes behind a growing cloud.
+MOMENT_ROWS = 256
 VARIANCE_FLOOR = 1e-12  # of a feature's running variance: a constant feature must not be divided by zero
 
 
@@ -70,20 +70,16 @@ class PendingStats:
 
     counts: torch.Tensor | None = None
     sums: torch.Tensor | None = None
-    sq_sums: torch.Tensor | None = None
     candidates: torch.Tensor | None = None
     candidate_ok: torch.Tensor | None = None
     dead_codes: torch.Tensor | None = None  # set when the block ends: codes found dead by its EMA step
 
-    def add(self, counts, sums, sq_sums, candidates, candidate_ok) -> None:
+    def add(self, counts, sums, candidates, candidate_ok) -> None:
         if self.counts is None:
-            self.counts, self.sums, self.sq_sums = counts, sums, sq_sums
-            self.candidates, self.candidate_ok = candidates, candidate_ok
+            self.counts, self.sums, self.candidates, self.candidate_ok = counts, sums, candidates, candidate_ok
             return
         self.counts = self.counts + counts
         self.sums = self.sums + sums
-        if sq_sums is not None:
-            self.sq_sums = self.sq_sums + sq_sums
         if candidates is not None:
             self.candidates = torch.where(candidate_ok[:, None], candidates, self.candidates)
             self.candidate_ok = self.candidate_ok | candidate_ok
@@ -137,17 +133,10 @@ class EMACodebook(nn.Module):
             return kernels.nearest_code_op(rows.float(), self.codebook, "exact")[0]
         return kernels.nearest_code_op(rows, self.codebook.to(rows.dtype), "fast")[0]
 
-    def _stats(self, rows: torch.Tensor, indices: torch.Tensor, learn: torch.Tensor):
-        """Per-code counts and sums of the rows to learn from, and (affine_reparam) their per-feature sum of
-        squares: the second moment that the per-code sums do not give."""
+    def _stats(self, rows: torch.Tensor, indices: torch.Tensor):
         if self.use_triton(rows):
-            counts, sums = kernels.code_stats_op(rows, indices, self.num_codes, self.deterministic)
-        else:
-            counts, sums = reference.code_stats(rows, indices, self.num_codes)
-        sq_sums = None
-        if self.affine_reparam:
-            sq_sums = torch.where(learn[:, None], rows.float(), 0.0).square().sum(dim=0)
-        return counts, sums, sq_sums
+            return kernels.code_stats_op(rows, indices, self.num_codes, self.deterministic)
+        return reference.code_stats(rows, indices, self.num_codes)
 
     # -- the EMA step ---------------------------------------------------------------------------------------
 
@@ -156,12 +145,12 @@ class EMACodebook(nn.Module):
         """Gather a batch's statistics (rows with index -1 add nothing) and re-seed candidates; take the EMA step
         now or, inside accumulate(), when the block ends. Returns the batch's per-code counts and the codes found
         dead (before their re-seeding)."""
-        counts, sums, sq_sums = self._stats(rows, indices, learn)
+        counts, sums = self._stats(rows, indices)
         candidates, candidate_ok = self._reseed_candidates(rows, learn)
         if self._pending is not None:
-            self._pending.add(counts, sums, sq_sums, candidates, candidate_ok)
+            self._pending.add(counts, sums, candidates, candidate_ok)
             return counts, self.dead_codes()
-        return counts, self._commit(counts, sums, sq_sums, candidates, candidate_ok)
+        return counts, self._commit(counts, sums, candidates, candidate_ok)
 
     @contextlib.contextmanager
     def accumulate(self):
@@ -183,56 +172,61 @@ class EMACodebook(nn.Module):
             self._pending = None
         if pending.counts is not None:
             with torch.no_grad(), torch.autocast(device_type=pending.counts.device.type, enabled=False):
-                dead = self._commit(pending.counts, pending.sums, pending.sq_sums, pending.candidates,
-                                    pending.candidate_ok)
+                dead = self._commit(pending.counts, pending.sums, pending.candidates, pending.candidate_ok)
             pending.dead_codes = dead.sum()
 
-    def _commit(self, counts, sums, sq_sums, candidates, candidate_ok) -> torch.Tensor:
+    def _commit(self, counts, sums, candidates, candidate_ok) -> torch.Tensor:
         """One EMA step from summed statistics, then re-seed the dead codes. Across processes, the statistics and
         the candidates are summed first, so that every rank makes the same step and the same re-seeds.
         Returns the dead-code mask found before re-seeding."""
-        counts, sums, sq_sums, candidates, candidate_ok = sum_across_ranks(counts, sums, sq_sums, candidates,
-                                                                           candidate_ok)
-        decay = self.current_decay()
+        counts, sums, candidates, candidate_ok = sum_across_ranks(counts, sums, candidates, candidate_ok)
         state = (self.cluster_size, self.embed_sum, self.codebook)
         if self.use_triton(self.codebook):
-            kernels.ema_blend_op(*state, counts, sums, decay, self.eps)
+            kernels.ema_blend_op(*state, counts, sums, self.current_decay(), self.eps)
         else:
-            reference.ema_blend_(*state, counts, sums, decay, self.eps)
-        if self.affine_reparam:
-            self._follow_moments(counts.sum(), sums.sum(dim=0), sq_sums, torch.clamp(decay, max=MOMENT_DECAY))
+            reference.ema_blend_(*state, counts, sums, self.current_decay(), self.eps)
         if self.cosine:  # the averaged codes back onto the sphere (a batch without rows changed nothing)
             self.codebook.copy_(torch.where(counts.sum() > 0, F.normalize(self.codebook, dim=1), self.codebook))
-        self.ema_steps.add_(1)
+        self.ema_steps.add_((counts.sum() > 0).long())  # a batch without rows is no step: nothing changes
         self.last_used.copy_(torch.where(counts > 0, self.ema_steps, self.last_used))
         dead = self.dead_codes()
         self._restart_dead_codes(dead, candidates, candidate_ok, counts.sum())
         return dead
+
+    # -- the moving frame (affine_reparam) ------------------------------------------------------------------
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The running per-feature mean and standard deviation of the data (affine_reparam)."""
         variance = (self.data_sq_mean - self.data_mean.square()).clamp(min=VARIANCE_FLOOR)
         return self.data_mean, variance.sqrt()
 
-    def _follow_moments(self, rows: torch.Tensor, row_sum: torch.Tensor, sq_sums: torch.Tensor, decay) -> None:
-        """Blend the batch's moments into the running ones, and move every code (and its EMA sum) by the change of
-        frame: c -> mean' + std' / std * (c - mean). A batch without rows changes nothing; the first batch measured
-        (after an initialisation, or a state saved without moments) sets the moments and moves no code."""
-        active = rows > 0
+    @torch.no_grad()
+    def follow_batch_(self, rows: torch.Tensor, usable: torch.Tensor | None) -> None:
+        """Before a training batch is searched: blend its moments (over the `usable` rows, finite and not masked
+        out) into the running ones, and move every code, and its EMA sum, by the change of frame
+        c -> mean' + std' / std * (c - mean). A batch of n rows weighs n / (n + MOMENT_ROWS), so a large batch
+        sets the frame almost alone (no lag behind a growing cloud) and small ones are averaged. A batch without
+        rows changes nothing; the first one measured (after initialisation, or a state saved without moments)
+        sets the moments and moves no code."""
+        rows = rows.float()
+        finite = torch.isfinite(rows).all(dim=1)
+        usable = finite if usable is None else finite & usable
+        n, row_sum, sq_sum = sum_moments_across_ranks(usable.sum().float(), torch.where(usable[:, None], rows, 0.0))
         measured = self.data_sq_mean.sum() > 0  # 0 marks moments never measured
-        n = rows.clamp(min=1.0)
-        keep = torch.where(measured, decay, 0.0)
-        old_mean, old_std = self.moments()
-        old_mean, old_std = old_mean.clone(), old_std.clone()
-        self.data_mean.copy_(torch.where(active, keep * self.data_mean + (1.0 - keep) * row_sum / n, self.data_mean))
-        self.data_sq_mean.copy_(torch.where(active, keep * self.data_sq_mean + (1.0 - keep) * sq_sums / n,
+        weight = torch.where(measured, n / (n + MOMENT_ROWS), 1.0)
+        active = n > 0
+        old_mean, old_std = (t.clone() for t in self.moments())
+        per_row = n.clamp(min=1.0)
+        self.data_mean.copy_(torch.where(active, (1 - weight) * self.data_mean + weight * row_sum / per_row,
+                                         self.data_mean))
+        self.data_sq_mean.copy_(torch.where(active, (1 - weight) * self.data_sq_mean + weight * sq_sum / per_row,
                                             self.data_sq_mean))
         mean, std = self.moments()
         move = active & measured
         ratio = std / old_std
-        weight = self.cluster_size[:, None]  # embed_sum = weight * codebook, to the Laplace smoothing's eps
+        count = self.cluster_size[:, None]  # embed_sum = count * codebook, to the Laplace smoothing's eps
         self.codebook.copy_(torch.where(move, mean + ratio * (self.codebook - old_mean), self.codebook))
-        self.embed_sum.copy_(torch.where(move, ratio * (self.embed_sum - weight * old_mean) + weight * mean,
+        self.embed_sum.copy_(torch.where(move, ratio * (self.embed_sum - count * old_mean) + count * mean,
                                          self.embed_sum))
 
     def current_decay(self) -> torch.Tensor:

@@ -116,6 +116,8 @@ class VectorQuantizerEMA(EMACodebook):
             z = self._to_code_space(rows)
             if self.training and not self._initialized:
                 self.initialise_(z.detach() if keep is None else z.detach()[keep])
+            elif self.training and self.affine_reparam:
+                self.follow_batch_(z.detach(), keep)
             indices = self.nearest(z.detach())
             matched = indices >= 0
             codes = F.embedding(indices.clamp(min=0), self.codebook)
