@@ -14,12 +14,12 @@ The reported squared distance is always that of the chosen code, computed direct
 from the inputs as given, which has no cancellation.
 
 Precision modes:
-  fast   the code with the smallest fp16 score. Rounding the operands perturbs each score by about
-         2 * 2**-11 * |x - m| * |c_k - m|, so the chosen code can be farther than the nearest by twice that. Ties
-         between computed scores go to the lower index (within a tile by an explicit minimum over indices, across
-         tiles because a later tile must score strictly lower). Two copies of one code get the same score only if
-         the hardware rounds their identical columns identically, which no one promises (the interpreter's BLAS
-         need not), so `fast` may return any copy of a duplicated code.
+  fast   the code with the smallest fp16 score. Rounding the operands (relative error 2**-11 each) moves each
+         score by up to about 2**-9 |x - m| |c_k - m|, so the chosen code's squared distance can exceed the
+         nearest's by twice that. Ties between computed scores go to the lower index (within a tile by an
+         explicit minimum over indices, across tiles because a later tile must score strictly lower). Two copies
+         of one code get the same score only if the hardware rounds their identical columns identically, which no
+         one promises (the interpreter's BLAS need not), so `fast` may return any copy of a duplicated code.
   exact  a nearest code up to fp32 rounding of the distances: the fp16 pass, then fp32 where it cannot decide.
          Each score s'_k of the fp16 pass is within E of the score s_k of the fp32 centred operands, with
              E = 2 (d C + (X + d) R) + (X + d)(C + R)(D + 1) 2**-21 + (D + 2) 2**-24 (C + R)^2,
