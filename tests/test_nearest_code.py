@@ -218,6 +218,18 @@ def test_x_in_its_own_dtype_against_an_fp32_codebook(x_dtype, precision, device)
     _assert_nearest(x, codebook, indices, sq_dist, precision)
 
 
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_custom_ops_for_torch_compile(precision, device):
+    """The ops a compiled quantizer calls: schema, fake (meta) implementations and results, checked by opcheck."""
+    x, codebook = _inputs(50, 9, 20, torch.float32, device)
+    prepared = kernels.prepare_codebook_op(codebook)
+    torch.library.opcheck(kernels.prepare_codebook_op, (codebook,))
+    torch.library.opcheck(kernels.nearest_code_prepared_op, (x, codebook, *prepared, precision))
+    indices, sq_dist = kernels.nearest_code_prepared_op(x, codebook, *prepared, precision)
+    expected = kernels.nearest_code(x, codebook, precision)
+    assert torch.equal(indices, expected[0]) and torch.equal(sq_dist, expected[1])
+
+
 def test_real_encoder_outputs(device):
     """Rows and codebook of a trained quick-start model (tests/data, made by bench/exact_levels.py): the codes sit
     close to the data, where fp16 scores cannot separate them and the fp32 stages do the work."""
