@@ -53,7 +53,7 @@ COLUMNS = ("step", "perplexity", "window_perplexity", "usage", "window_usage", "
            "vq_loss", "z_spread", "z_mean_shift", "code_mean_gap", "seconds")
 
 # Every codebook-health option of VectorQuantizerEMA, set as it was before them: `legacy` and the `ours-no-*` runs.
-LEGACY = {"ema_warmup": False, "init": "random", "affine_reparam": False, "dead_code_patience": 0}
+LEGACY = {"ema_warmup": False, "init": "random", "affine_reparam": False, "dead_code_threshold": 1.0}
 
 
 def _ours(**overrides):
@@ -73,17 +73,13 @@ VARIANTS = {
     "legacy": _ours(**LEGACY),
     "ours-no-warmup": _ours(ema_warmup=False),
     "ours-no-affine": _ours(affine_reparam=False),
+    "ours-threshold1": _ours(dead_code_threshold=1.0),
     "ours+kmeans": _ours(init="kmeans++"),
-    "ours+patience8": _ours(dead_code_patience=8),
-    "ours+threshold4": _ours(dead_code_threshold=4.0),
-    "ours+threshold8": _ours(dead_code_threshold=8.0),
-    "legacy+warmup": _ours(**{**LEGACY, "ema_warmup": True}),
-    "legacy+kmeans": _ours(**{**LEGACY, "init": "kmeans++"}),
-    "legacy+patience8": _ours(**{**LEGACY, "dead_code_patience": 8}),
-    "legacy+affine": _ours(**{**LEGACY, "affine_reparam": True}),
     "ours+cosine": _ours(affine_reparam=False, cosine=True),
     "ours+codebook_dim32": _ours(codebook_dim=32),
     "ours+codebook_dim32+cosine": _ours(codebook_dim=32, affine_reparam=False, cosine=True),
+    "legacy+warmup": _ours(**{**LEGACY, "ema_warmup": True}),
+    "legacy+affine": _ours(**{**LEGACY, "affine_reparam": True}),
     "vqp-recommended": _vqp(kmeans_init=True, threshold_ema_dead_code=2, decay=0.99, commitment_weight=0.25),
     "vqp-plain": _vqp(decay=0.99, commitment_weight=0.25),
 }

@@ -10,7 +10,7 @@ from vqvae.quantizer import VectorQuantizerEMA
 
 BACKENDS = ["torch", "triton"]
 # every health option off: the quantizer as it was before them
-LEGACY = dict(ema_warmup=False, init="random", affine_reparam=False, dead_code_patience=0)
+LEGACY = dict(ema_warmup=False, init="random", affine_reparam=False)
 
 
 def _clusters(num, dim, separation, device, generator=None):
@@ -86,25 +86,6 @@ def test_no_two_codes_are_seeded_on_the_same_vector_while_the_batch_allows(init,
     quantizer = VectorQuantizerEMA(300, 5, backend="torch", init=init).to(device)
     quantizer.initialise_(rows)
     assert len(set(map(tuple, quantizer.codebook.tolist()))) == 300
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_patience_reseeds_a_code_unused_for_that_many_steps(backend, device):
-    """A code no row chooses, whose EMA count is still high: the count rule would wait ~300 steps at decay 0.99,
-    the patience rule re-seeds it after `patience` steps."""
-    found = {}
-    for patience in (3, 0):
-        quantizer = VectorQuantizerEMA(8, 4, backend=backend, dead_code_patience=patience, ema_warmup=False,
-                                       init="random").to(device)
-        x = torch.randn(64, 4, device=device)
-        quantizer(x)
-        quantizer.codebook[5] = 1e3  # far from every row: it will not be chosen
-        quantizer.cluster_size[5] = 20.0
-        quantizer.embed_sum[5] = 1e3 * 20.0
-        deads = [quantizer(x).dead_codes.item() for _ in range(3)]
-        found[patience] = (deads, (quantizer.codebook[5] == x).all(dim=1).any().item())
-    assert found[3] == ([0, 0, 1], True), found[3]  # dead at the third step without a row, then re-seeded
-    assert found[0] == ([0, 0, 0], False), found[0]
 
 
 def _growing_stream(step, device, dim=8, rows=512, generator=None):
