@@ -159,6 +159,20 @@ def test_codebook_dim_quantizes_a_learned_projection(backend, device):
     torch.testing.assert_close(chosen, sq_dist, rtol=1e-5, atol=1e-6)  # the search ran on the projection
 
 
+def test_a_codebook_trained_without_the_frame_takes_it_up_without_a_jump(device):
+    """A state trained with affine_reparam off has never measured moments: switched on, the first batch sets the
+    frame and moves no code."""
+    plain = VectorQuantizerEMA(16, 4, backend="torch", affine_reparam=False).to(device)
+    for _ in range(3):
+        plain(torch.randn(64, 4, device=device) * 5 + 3)
+    framed = VectorQuantizerEMA(16, 4, backend="torch", affine_reparam=True).to(device)
+    framed.load_state_dict(plain.state_dict())
+    before = framed.codebook.clone()
+    framed(before.repeat(4, 1))  # rows on their codes: the codebook stays where it was
+    torch.testing.assert_close(framed.codebook, before, rtol=1e-5, atol=1e-5)
+    assert framed.data_sq_mean.sum() > 0, "the frame is measured now"
+
+
 @pytest.mark.parametrize("affine", [False, True])
 def test_a_state_saved_before_the_health_buffers_loads_as_a_trained_codebook(affine, device):
     quantizer = VectorQuantizerEMA(8, 4, backend="torch", affine_reparam=affine).to(device)

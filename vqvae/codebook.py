@@ -107,9 +107,9 @@ class EMACodebook(nn.Module):
         self.register_buffer("embed_sum", torch.zeros(num_codes, code_dim))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("ema_steps", torch.tensor(0, dtype=torch.int64))
-        # The identity (mean 0, second moment 1) unless affine_reparam moves them.
+        # Measured only with affine_reparam; a second moment of 0 marks moments never measured.
         self.register_buffer("data_mean", torch.zeros(code_dim))
-        self.register_buffer("data_sq_mean", torch.ones(code_dim))
+        self.register_buffer("data_sq_mean", torch.zeros(code_dim))
         # A host-side copy of `initialized`, so that the common path never reads a device flag.
         self._initialized = False
         self._pending: PendingStats | None = None  # statistics gathered inside accumulate()
