@@ -53,7 +53,7 @@ COLUMNS = ("step", "perplexity", "window_perplexity", "usage", "window_usage", "
            "vq_loss", "z_spread", "z_mean_shift", "code_mean_gap", "seconds")
 
 # Every codebook-health option of VectorQuantizerEMA, set as it was before them: `legacy` and the `ours-no-*` runs.
-LEGACY = {"ema_warmup": False, "init": "random", "affine_reparam": False, "dead_code_patience": 0}
+LEGACY = {"ema_warmup": False, "init": "random", "affine_reparam": False, "dead_code_threshold": 1.0}
 
 
 def _ours(**overrides):
@@ -73,15 +73,13 @@ VARIANTS = {
     "legacy": _ours(**LEGACY),
     "ours-no-warmup": _ours(ema_warmup=False),
     "ours-no-affine": _ours(affine_reparam=False),
+    "ours-threshold1": _ours(dead_code_threshold=1.0),
     "ours+kmeans": _ours(init="kmeans++"),
-    "ours+patience8": _ours(dead_code_patience=8),
-    "legacy+warmup": _ours(**{**LEGACY, "ema_warmup": True}),
-    "legacy+kmeans": _ours(**{**LEGACY, "init": "kmeans++"}),
-    "legacy+patience8": _ours(**{**LEGACY, "dead_code_patience": 8}),
-    "legacy+affine": _ours(**{**LEGACY, "affine_reparam": True}),
     "ours+cosine": _ours(affine_reparam=False, cosine=True),
     "ours+codebook_dim32": _ours(codebook_dim=32),
     "ours+codebook_dim32+cosine": _ours(codebook_dim=32, affine_reparam=False, cosine=True),
+    "legacy+warmup": _ours(**{**LEGACY, "ema_warmup": True}),
+    "legacy+affine": _ours(**{**LEGACY, "affine_reparam": True}),
     "vqp-recommended": _vqp(kmeans_init=True, threshold_ema_dead_code=2, decay=0.99, commitment_weight=0.25),
     "vqp-plain": _vqp(decay=0.99, commitment_weight=0.25),
 }
@@ -125,15 +123,18 @@ class FeatureWatch:
         rows = args[0].detach().float().movedim(1, -1).reshape(-1, args[0].shape[1])
         mean = rows.mean(dim=0)
         shift = float("nan") if self.last_mean is None else float((mean - self.last_mean).norm())
+        codes = module.codebook.float()
+        # (codes in another space than the input, codebook_dim's: no gap to measure)
+        gap = float((codes.mean(dim=0) - mean).norm()) if codes.shape[1] == mean.shape[0] else float("nan")
         self.values = {"z_spread": float((rows - mean).square().sum(dim=1).mean().sqrt()), "z_mean_shift": shift,
-                       "code_mean_gap": float((module.codebook.float().mean(dim=0) - mean).norm())}
+                       "code_mean_gap": gap}
         self.last_mean = mean
 
 
-def seed_config(batch_size: int, num_workers: int, overrides: list[str]) -> Config:
-    cfg = load_config(SEED_CONFIG, ["data.source=builtin", f"train.batch_size={batch_size}",
-                                    f"data.num_workers={num_workers}", *overrides])
-    return cfg
+def seed_config(batch_size: int | None, num_workers: int, overrides: list[str], path: Path = SEED_CONFIG) -> Config:
+    """The config at ``path`` (the seed's by default) on the built-in images, at ``batch_size`` (None: its own)."""
+    batch = [] if batch_size is None else [f"train.batch_size={batch_size}"]
+    return load_config(path, ["data.source=builtin", f"data.num_workers={num_workers}", *batch, *overrides])
 
 
 def run_variant(name: str, cfg: Config, steps: int, out_dir: Path, log_every: int) -> dict:
@@ -261,7 +262,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="ours,legacy", help="comma-separated names (see --list)")
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's (64 for the seed's)")
+    parser.add_argument("--config", type=Path, default=SEED_CONFIG,
+                        help="the config whose model, quantizer and optimizer to train (default: the seed's)")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/codebook_health"))
     parser.add_argument("--log-every", type=int, default=10)
@@ -279,7 +282,7 @@ def main(argv=None) -> None:
         unknown = [n for n in names if n not in VARIANTS]
         if unknown:
             parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-        cfg = seed_config(args.batch_size, args.num_workers, args.set)
+        cfg = seed_config(args.batch_size, args.num_workers, args.set, args.config)
         for name in names:
             run_variant(name, cfg, args.steps, args.out, args.log_every)
     report(args.out)

@@ -68,3 +68,12 @@ def check_output(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dty
         raise ValueError(f"{name} must be {dtype} of shape {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
     if tensor.device != device or not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous and on {device} (it is on {tensor.device})")
+
+
+def shared_memory_limit() -> int:
+    """Shared memory one block may use on the current device (opt-in maximum); unbounded under the interpreter."""
+    if INTERPRET or not torch.cuda.is_available():
+        return 1 << 30
+    from triton.runtime import driver  # noqa: PLC0415  (needs a GPU driver)
+
+    return driver.active.utils.get_device_properties(torch.cuda.current_device())["max_shared_mem"]

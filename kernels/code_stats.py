@@ -1,10 +1,14 @@
 """Per-code statistics of a batch: how many rows chose each code, and the sum of those rows.
 
 These are the sufficient statistics of the EMA codebook update, computed without a one-hot matrix:
-  fast           each row is added into its code's accumulator with fp32 atomics. The order in which rows land
-                 varies between runs, so the sums can differ in their last bits.
-  deterministic  rows are sorted by code (a stable sort, so the order is fixed) and each program reduces one
-                 code's run of rows in that order: the same bits on every run, for the price of the sort.
+  fast           each row is added into its code's accumulator with fp32 atomics (relaxed: only their sum
+                 matters, not their order). The order in which rows land varies between runs, so the sums can
+                 differ in their last bits.
+  deterministic  rows are sorted by code (a stable sort, so the order is fixed), each code's run of rows is cut
+                 into chunks of CHUNK_ROWS, one program sums each chunk in a fixed tree order, and a second kernel
+                 adds each code's chunk sums in chunk order: the same bits on every run, for the price of the sort.
+                 Chunks spread a code that takes most of the batch (a collapsing codebook) over many programs,
+                 where one program per code would serialise it.
 
 Rows whose index is outside [0, K) add nothing: -1, which the nearest-code search gives rows holding NaN or inf,
 marks a row to leave out. Counts are float32 so that they blend directly into the EMA state.
@@ -17,6 +21,7 @@ import triton.language as tl
 from ._common import check_device, check_matrix, check_output, check_same_device, load_tile
 
 INDEX_DTYPES = (torch.int64, torch.int32)
+CHUNK_ROWS = 256  # deterministic mode: rows per program; a code's run of R rows spreads over ceil(R / 256)
 
 
 @triton.jit
@@ -36,37 +41,61 @@ def _code_stats_atomic_kernel(
     code = tl.load(index_ptr + rows, mask=rows < N, other=-1).to(tl.int64)
     keep = (code >= 0) & (code < K)
     x = load_tile(x_ptr, rows, dims, stride_xn, stride_xd, keep, dims < D)
-    tl.atomic_add(sums_ptr + code[:, None] * D + dims[None, :], x, mask=keep[:, None] & (dims[None, :] < D))
+    tl.atomic_add(sums_ptr + code[:, None] * D + dims[None, :], x, mask=keep[:, None] & (dims[None, :] < D),
+                  sem="relaxed")
     if tl.program_id(1) == 0:
-        tl.atomic_add(counts_ptr + code, tl.full((BLOCK_N,), 1.0, tl.float32), mask=keep)
+        tl.atomic_add(counts_ptr + code, tl.full((BLOCK_N,), 1.0, tl.float32), mask=keep, sem="relaxed")
 
 
 @triton.jit
-def _code_stats_sorted_kernel(
+def _chunk_sums_kernel(
     # pointers
     x_ptr,  # x [N, D] in its own dtype
     order_ptr, run_start_ptr,  # rows sorted by code [N]; where each code's run starts [K + 1]
-    counts_ptr, sums_ptr,  # outputs: counts [K], sums [K, D] contiguous, fp32
+    chunk_code_ptr,  # per chunk: its code, K past the last chunk [max chunks]
+    chunk_start_ptr,  # per code: its first chunk [K + 1]
+    partial_ptr,  # output: per chunk, the sum of its rows [max chunks, D] fp32
     # sizes
-    D,
+    K, D,
     # strides
     stride_xn, stride_xd,
     # meta-parameters
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    code = tl.load(chunk_code_ptr + chunk)
+    if code < K:  # the grid is sized for the most chunks there can be
+        start = tl.load(run_start_ptr + code) + (chunk - tl.load(chunk_start_ptr + code)) * CHUNK_ROWS
+        end = tl.minimum(start + CHUNK_ROWS, tl.load(run_start_ptr + code + 1))
+        # Partial sums per lane, then one tree reduction: the order is fixed by the sort and the block shape alone.
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for r0 in range(start, end, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            rows = tl.load(order_ptr + ranks, mask=ranks < end, other=0)
+            acc += load_tile(x_ptr, rows, dims, stride_xn, stride_xd, ranks < end, dims < D)
+        tl.store(partial_ptr + chunk.to(tl.int64) * D + dims, tl.sum(acc, axis=0), mask=dims < D)
+
+
+@triton.jit
+def _combine_kernel(
+    # pointers
+    partial_ptr, chunk_start_ptr, run_start_ptr,  # chunk sums [max chunks, D]; first chunk and first row per code
+    counts_ptr, sums_ptr,  # outputs: counts [K], sums [K, D] contiguous, fp32
+    # sizes
+    D,
+    # meta-parameters
+    BLOCK_D: tl.constexpr,
 ):
     code = tl.program_id(0)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    start = tl.load(run_start_ptr + code)
-    end = tl.load(run_start_ptr + code + 1)
-    # Partial sums per lane, then one tree reduction: the order is fixed by the sort and the block shape alone.
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rows = tl.load(order_ptr + ranks, mask=ranks < end, other=0)
-        acc += load_tile(x_ptr, rows, dims, stride_xn, stride_xd, ranks < end, dims < D)
-    tl.store(sums_ptr + code.to(tl.int64) * D + dims, tl.sum(acc, axis=0), mask=dims < D)
+    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for chunk in range(tl.load(chunk_start_ptr + code), tl.load(chunk_start_ptr + code + 1)):  # in chunk order
+        total += tl.load(partial_ptr + chunk * D + dims, mask=dims < D, other=0.0)  # < (N / 256 + K) D: 32 bits
+    tl.store(sums_ptr + code.to(tl.int64) * D + dims, total, mask=dims < D)
     if tl.program_id(1) == 0:
-        tl.store(counts_ptr + code, (end - start).to(tl.float32))
+        run = tl.load(run_start_ptr + code + 1) - tl.load(run_start_ptr + code)
+        tl.store(counts_ptr + code, run.to(tl.float32))
 
 
 def _check_inputs(x, indices, num_codes):
@@ -114,7 +143,7 @@ def _stats_with_atomics(x, indices, counts, sums):
 
 
 def _stats_in_sorted_order(x, indices, counts, sums):
-    D, num_codes = x.shape[1], counts.shape[0]
+    (N, D), num_codes = x.shape, counts.shape[0]
     # Left-out rows go to bin K, which sorts last and which no program reads.
     bins = torch.where((indices >= 0) & (indices < num_codes), indices.long(), num_codes)
     order = torch.argsort(bins, stable=True)
@@ -123,10 +152,21 @@ def _stats_in_sorted_order(x, indices, counts, sums):
         0, bins, torch.ones_like(bins))
     run_start = torch.zeros(num_codes + 2, dtype=torch.int64, device=x.device)
     torch.cumsum(run_length, dim=0, out=run_start[1:])
+    # Chunks of each code's run, numbered code after code; their number is bounded without reading it on the host.
+    max_chunks = N // CHUNK_ROWS + num_codes
+    chunk_start = torch.zeros(num_codes + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(torch.div(run_length[:num_codes] + CHUNK_ROWS - 1, CHUNK_ROWS, rounding_mode="floor"), dim=0,
+                 out=chunk_start[1:])
+    # The code of each chunk; num_codes past the last chunk.
+    chunk_code = torch.searchsorted(chunk_start, torch.arange(max_chunks, device=x.device), right=True) - 1
+    partial = torch.empty(max_chunks, D, dtype=torch.float32, device=x.device)
     block_d = min(128, max(16, triton.next_power_of_2(D)))
-    grid = (num_codes, triton.cdiv(D, block_d))
-    _code_stats_sorted_kernel[grid](
-        x, order, run_start, counts, sums, D, x.stride(0), x.stride(1), BLOCK_R=16, BLOCK_D=block_d
+    _chunk_sums_kernel[(max_chunks, triton.cdiv(D, block_d))](
+        x, order, run_start, chunk_code, chunk_start, partial, num_codes, D, x.stride(0), x.stride(1),
+        CHUNK_ROWS=CHUNK_ROWS, BLOCK_R=16, BLOCK_D=block_d,
+    )
+    _combine_kernel[(num_codes, triton.cdiv(D, block_d))](
+        partial, chunk_start, run_start, counts, sums, D, BLOCK_D=block_d,
     )
     return counts, sums
 

@@ -17,6 +17,20 @@ import pytest  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_configure(config):
+    """Triton 3.6's interpreter fails under numpy >= 2.4 (every kernel test, with "only 0-dimensional arrays can be
+    converted to Python scalars"); say so once instead. The fix is the `triton36` extra (README, Tests)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy  # noqa: PLC0415
+    import triton  # noqa: PLC0415
+    from packaging.version import Version  # noqa: PLC0415
+
+    if Version(triton.__version__) < Version("3.7") and Version(numpy.__version__) >= Version("2.4"):
+        pytest.exit(f"triton {triton.__version__}'s interpreter needs numpy < 2.4 (installed: {numpy.__version__}): "
+                    'pip install -e ".[test,triton36]"', returncode=4)
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE

@@ -73,6 +73,34 @@ def test_deterministic_mode_is_bit_identical(device):
     assert all(torch.equal(a, b) for a, b in zip(*state))
 
 
+def test_deterministic_mode_spreads_a_code_that_takes_almost_every_row(device):
+    """A collapsing codebook: code 3 takes all but a few of 5000 rows. Its run is summed in chunks of 256 rows by
+    separate programs and the chunk sums are added in chunk order: the same bits on every run, and as close to the
+    fp64 sums as fp32 summation gets (the atomic mode, on the same rows, for comparison)."""
+    x = torch.randn(5000, 40, device=device) * torch.logspace(-2, 2, 5000, device=device)[:, None]
+    indices = torch.full((5000,), 3, dtype=torch.int64, device=device)
+    indices[::97] = torch.randint(-1, 6, (52,), device=device)
+    first = kernels.code_stats(x, indices, 6, deterministic=True)
+    for _ in range(2):
+        again = kernels.code_stats(x, indices, 6, deterministic=True)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    ref_counts64, ref_sums64 = reference.code_stats(x.double(), indices, 6)
+    torch.testing.assert_close(first[0].double(), ref_counts64, rtol=0, atol=0)
+    _assert_as_close_as_fp32(first[1], reference.code_stats(x, indices, 6)[1], ref_sums64)
+    _assert_as_close_as_fp32(kernels.code_stats(x, indices, 6)[1], reference.code_stats(x, indices, 6)[1], ref_sums64)
+
+
+@pytest.mark.parametrize("run", [1, 255, 256, 257, 513])
+def test_deterministic_chunks_meet_exactly(run, device):
+    """Runs just under, at and over the 256-row chunk: every row is summed once, in a fixed order."""
+    indices = torch.cat([torch.full((run,), 1), torch.full((run + 7,), 0), torch.full((3,), 2)]).to(device)
+    x = torch.randn(indices.shape[0], 9, device=device)
+    counts, sums = kernels.code_stats(x, indices, 3, deterministic=True)
+    ref_counts64, ref_sums64 = reference.code_stats(x.double(), indices, 3)
+    torch.testing.assert_close(counts.double(), ref_counts64, rtol=0, atol=0)
+    _assert_as_close_as_fp32(sums, reference.code_stats(x, indices, 3)[1], ref_sums64)
+
+
 @pytest.mark.parametrize("n, k, d", SHAPES)
 def test_ema_blend(n, k, d, device):
     counts, sums = reference.code_stats(*_batch(n, k, d, torch.float32, device), k)

@@ -65,7 +65,7 @@ def test_vqvae_round_trip_is_bit_identical(tmp_path, layers, quantizer):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: VectorQuantizerEMA(37, 12, decay=0.9, codebook_dim=5, dead_code_patience=3, init="kmeans++"),
+    lambda: VectorQuantizerEMA(37, 12, decay=0.9, codebook_dim=5, dead_code_threshold=0.5, init="kmeans++"),
     lambda: ResidualVectorQuantizerEMA(3, 29, 12, cosine=True, commitment_weight=0.5, layer_dropout=True),
 ], ids=["single", "residual"])
 def test_quantizer_round_trip_is_bit_identical(tmp_path, make):

@@ -284,7 +284,6 @@ def test_explicit_layout_resolves_the_ambiguous_shape(device):
     ({"dim": 2.5}, "dim and codebook_dim must be positive ints"),
     ({"codebook_dim": 0}, "codebook_dim must be a positive int or None"),
     ({"init": "kmeans"}, "init must be one of"),
-    ({"dead_code_patience": -1}, "dead_code_patience must be an int >= 0"),
     ({"restart_count": 0.0}, "restart_count must be positive"),
     ({"affine_reparam": True, "cosine": True}, "affine_reparam and cosine exclude each other"),
     ({"decay": 1.0}, r"decay must be in \[0, 1\)"),
@@ -297,3 +296,39 @@ def test_explicit_layout_resolves_the_ambiguous_shape(device):
 def test_bad_configuration_is_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VectorQuantizerEMA(**{"num_codes": 8, "dim": 4, **kwargs})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decay", [0.0, 0.99])
+@pytest.mark.parametrize("empty", ["masked", "nan"])
+def test_a_batch_with_no_usable_rows_leaves_the_state_exactly_as_it_was(backend, decay, empty, device):
+    """Every position masked out, or every vector NaN: nothing to learn from, so no buffer changes, whatever the
+    decay. With decay 0 this used to turn every code into NaN (0 / 0 in the Laplace smoothing)."""
+    quantizer = VectorQuantizerEMA(64, 16, decay=decay, backend=backend, dead_code_threshold=2.0).to(device)
+    quantizer(torch.randn(3, 16, 5, 5, device=device))
+    state = {k: v.clone() for k, v in quantizer.state_dict().items()}
+    x = torch.randn(3, 16, 5, 5, device=device)
+    if empty == "masked":
+        out = quantizer(x, mask=torch.zeros(3, 5, 5, dtype=torch.bool, device=device))
+    else:
+        out = quantizer(torch.full_like(x, float("nan")))
+    for name, value in quantizer.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert out.dead_codes.item() == 0
+    assert torch.isfinite(quantizer(x).loss), "the next batch trains as usual"
+
+
+def test_eval_searches_reuse_the_prepared_codebook_until_it_changes(device, monkeypatch):
+    import kernels
+
+    quantizer = _trained_quantizer("triton", device)
+    calls = []
+    real = kernels.prepare_codebook_op
+    monkeypatch.setattr(kernels, "prepare_codebook_op", lambda codebook: calls.append(1) or real(codebook))
+    x = torch.randn(40, 8, device=device)
+    first = quantizer(x).indices
+    assert torch.equal(quantizer(x).indices, first) and len(calls) == 1, "prepared once for two eval searches"
+    with torch.no_grad():
+        quantizer.codebook[first[0]] += 100.0  # a write to the codebook: the next search must see it
+    again = quantizer(x).indices
+    assert len(calls) == 2 and again[0] != first[0]

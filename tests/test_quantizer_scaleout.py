@@ -54,9 +54,11 @@ def test_bad_mask_is_named():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_accumulated_micro_batches_make_one_ema_step(backend, device):
+    # without the moving frame, which follows each micro-batch as it comes (the next test)
     micro = [_batch(0, r).to(device) for r in range(3)]
-    accumulated = _fixed_start(VectorQuantizerEMA(K, D, backend=backend, dead_code_threshold=0.0).to(device))
-    whole = _fixed_start(VectorQuantizerEMA(K, D, backend=backend, dead_code_threshold=0.0).to(device))
+    options = dict(backend=backend, dead_code_threshold=0.0, affine_reparam=False)
+    accumulated = _fixed_start(VectorQuantizerEMA(K, D, **options).to(device))
+    whole = _fixed_start(VectorQuantizerEMA(K, D, **options).to(device))
     before = accumulated.codebook.clone()
     with accumulated.accumulate() as step:
         outs = [accumulated(x) for x in micro]
@@ -66,6 +68,21 @@ def test_accumulated_micro_batches_make_one_ema_step(backend, device):
     assert torch.equal(torch.cat([o.indices for o in outs]), ref.indices)
     for name in ("codebook", "cluster_size", "embed_sum"):
         torch.testing.assert_close(getattr(accumulated, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_micro_batches_move_the_frame_each_but_average_once(device):
+    """With affine_reparam the frame follows every micro-batch before it is searched (the codes move with it), but
+    the EMA counts and sums take one step, when the block ends."""
+    quantizer = _fixed_start(VectorQuantizerEMA(K, D, dead_code_threshold=0.0).to(device))
+    quantizer(_batch(0, 0).to(device))  # measures the moments once
+    sizes, steps = quantizer.cluster_size.clone(), quantizer.ema_steps.clone()
+    with quantizer.accumulate():
+        for rank in range(3):
+            codes = quantizer.codebook.clone()
+            quantizer(_batch(1, rank).to(device) * (2 + rank))
+            assert not torch.equal(quantizer.codebook, codes), "the frame follows each micro-batch"
+            assert torch.equal(quantizer.cluster_size, sizes) and torch.equal(quantizer.ema_steps, steps)
+    assert quantizer.ema_steps == steps + 1 and not torch.equal(quantizer.cluster_size, sizes)
 
 
 def test_accumulate_blocks_do_not_nest():

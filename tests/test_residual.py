@@ -188,7 +188,8 @@ def test_masked_positions_stay_out_of_every_layers_statistics():
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_accumulate_takes_one_step_as_for_the_whole_batch(shared):
-    kwargs = dict(dead_code_threshold=0.0, backend="torch", shared_codebook=shared)
+    # the frame (affine_reparam) follows each micro-batch on its own, so equality needs it off
+    kwargs = dict(dead_code_threshold=0.0, backend="torch", shared_codebook=shared, affine_reparam=False)
     stack = ResidualVectorQuantizerEMA(3, CODES, DIM, **kwargs).train()
     stack(torch.randn(50, DIM))
     twin = ResidualVectorQuantizerEMA(3, CODES, DIM, **kwargs).train()

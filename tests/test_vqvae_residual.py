@@ -103,7 +103,7 @@ def test_one_quantizer_is_the_model_of_before():
     assert type(model.quantizer) is VectorQuantizerEMA
     assert {k for k in model.state_dict() if k.startswith("quantizer.")} == {
         "quantizer.codebook", "quantizer.cluster_size", "quantizer.embed_sum", "quantizer.initialized",
-        "quantizer.ema_steps", "quantizer.last_used", "quantizer.data_mean", "quantizer.data_sq_mean"}
+        "quantizer.ema_steps", "quantizer.data_mean", "quantizer.data_sq_mean"}
     cfg.quantizer.num_quantizers = 3
     residual = build_model(cfg).quantizer
     assert isinstance(residual, ResidualVectorQuantizerEMA) and len(residual.layers) == 3

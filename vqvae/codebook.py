@@ -5,8 +5,7 @@ State (buffers, so they follow `.to()` and the state dict):
   cluster_size [K]   EMA of the rows each code receives per step
   embed_sum [K, D]   EMA of the sum of those rows; codebook = embed_sum / (Laplace-smoothed cluster_size)
   initialized        whether the first training batch has seeded the codes
-  ema_steps          EMA steps taken since then: the clock of the warm-up and of `last_used`
-  last_used [K]      the EMA step at which each code last received a row
+  ema_steps          EMA steps taken since then: the warm-up's clock
   data_mean [D], data_sq_mean [D]   EMA of the data's first and second moments per feature (`affine_reparam`)
 
 Rules:
@@ -23,16 +22,17 @@ Rules:
   at the edge of the cloud. The decay is a device tensor: no host read, one compiled graph for every step.
 - Affine re-parameterisation (`affine_reparam`, after Huh et al. 2023, "Straightening out the straight-through
   estimator"): the codes are kept in the frame of the data's running per-feature mean and standard deviation.
-  After every step the frame follows the batch's moments and every code moves with it,
+  Before each training batch is searched the frame follows its moments and every code moves with it,
   c -> mean' + std' / std * (c - mean), so when the encoder's outputs shift or grow (at the seed configuration
-  their spread grows about tenfold in the first hundred steps) every code follows, the unused ones too. The moments
-  follow the data with the EMA's (warmed-up) decay capped at 0.5. The state stays in the data's coordinates.
+  their spread grows about tenfold in the first hundred steps) every code follows at once, the unused ones too.
+  The state stays in the data's coordinates; eval mode leaves the frame where training left it.
 - Cosine codes (`cosine`): the rows arrive l2-normalised, and the codes are put back on the unit sphere after
   every EMA step, so the nearest code is the one of highest cosine similarity.
-- Dead codes: a code is dead when its EMA count falls under `dead_code_threshold` (rows per step) or when it has
-  received no row for `dead_code_patience` steps. The count alone is slow: from a seed of 16 rows per step, decay
-  0.99 takes ~275 steps to bring it under 1, the patience a few. Dead codes are re-seeded from random rows of the
-  batch, with the seed count (or `restart_count`), on the device, with no host synchronisation.
+- Dead codes: a code is dead when its EMA count falls under `dead_code_threshold` (rows per step). Dead codes are
+  re-seeded from random rows of the batch, with the seed count (or `restart_count`), on the device, with no host
+  synchronisation. Random rows follow the data's density, so restarts move codes from where the data is sparse to
+  where it is dense, which evens out the usage; a threshold of a quarter of the codes' fair share (rows per step /
+  K) lifted the seed configuration's lowest perplexity by about 20% over a threshold of 1 (bench/RESULTS.md).
 - Several processes (torch.distributed initialised): the statistics and re-seed candidates of every step are
   summed over the ranks first (`vqvae.sync`), and the initialisation is broadcast from rank 0, so every rank keeps
   the same codebook.
@@ -50,7 +50,7 @@ from torch import nn
 
 import kernels
 from kernels import reference
-from vqvae.sync import broadcast_from_rank0, sum_across_ranks, world_size
+from vqvae.sync import broadcast_from_rank0, sum_across_ranks, sum_moments_across_ranks, world_size
 
 BACKENDS = ("auto", "triton", "torch")
 INITS = ("kmeans++", "random")
@@ -58,9 +58,9 @@ WARMUP_STEPS = 10  # the warm-up's decay is (1 + t) / (WARMUP_STEPS + t)
 KMEANS_ROUNDS = 64
 # ema_steps of a state loaded without one (written before the warm-up existed): a codebook long past its warm-up.
 TRAINED = 2 ** 40
-# The moments follow the data faster than the codes: a batch measures them precisely (n rows for D numbers), and a
-# lagging frame is what leaves codes behind a growing cloud.
-MOMENT_DECAY = 0.5
+# The frame's horizon, in rows: a batch of n rows weighs n / (n + MOMENT_ROWS) in the running moments. A batch
+# measures 2D numbers from n rows precisely, and a lagging frame is what leaves codes behind a growing cloud.
+MOMENT_ROWS = 256
 VARIANCE_FLOOR = 1e-12  # of a feature's running variance: a constant feature must not be divided by zero
 
 
@@ -70,20 +70,16 @@ class PendingStats:
 
     counts: torch.Tensor | None = None
     sums: torch.Tensor | None = None
-    sq_sums: torch.Tensor | None = None
     candidates: torch.Tensor | None = None
     candidate_ok: torch.Tensor | None = None
     dead_codes: torch.Tensor | None = None  # set when the block ends: codes found dead by its EMA step
 
-    def add(self, counts, sums, sq_sums, candidates, candidate_ok) -> None:
+    def add(self, counts, sums, candidates, candidate_ok) -> None:
         if self.counts is None:
-            self.counts, self.sums, self.sq_sums = counts, sums, sq_sums
-            self.candidates, self.candidate_ok = candidates, candidate_ok
+            self.counts, self.sums, self.candidates, self.candidate_ok = counts, sums, candidates, candidate_ok
             return
         self.counts = self.counts + counts
         self.sums = self.sums + sums
-        if sq_sums is not None:
-            self.sq_sums = self.sq_sums + sq_sums
         if candidates is not None:
             self.candidates = torch.where(candidate_ok[:, None], candidates, self.candidates)
             self.candidate_ok = self.candidate_ok | candidate_ok
@@ -93,16 +89,16 @@ class EMACodebook(nn.Module):
     """K codes of dimension D (`code_dim`) that search and learn from rows [N, D]; see the module docstring."""
 
     def __init__(self, num_codes: int, code_dim: int, *, decay: float, eps: float, ema_warmup: bool, init: str,
-                 affine_reparam: bool, cosine: bool, dead_code_threshold: float, dead_code_patience: int,
-                 restart_count: float | None, backend: str, precision: str, deterministic: bool):
+                 affine_reparam: bool, cosine: bool, dead_code_threshold: float, restart_count: float | None,
+                 backend: str, precision: str, deterministic: bool):
         super().__init__()
-        _check_codebook_config(num_codes, code_dim, decay, eps, init, dead_code_threshold, dead_code_patience,
-                               restart_count, backend, precision)
+        _check_codebook_config(num_codes, code_dim, decay, eps, init, dead_code_threshold, restart_count, backend,
+                               precision)
         if affine_reparam and cosine:
             raise ValueError("affine_reparam and cosine exclude each other: cosine codes live on the unit sphere")
         self.num_codes, self.code_dim, self.decay, self.eps = num_codes, code_dim, decay, eps
         self.ema_warmup, self.init, self.affine_reparam, self.cosine = ema_warmup, init, affine_reparam, cosine
-        self.dead_code_threshold, self.dead_code_patience = dead_code_threshold, dead_code_patience
+        self.dead_code_threshold = dead_code_threshold
         self.restart_count, self.backend, self.precision = restart_count, backend, precision
         self.deterministic = deterministic
         # Placeholder codes until the first training batch replaces them (see initialise_).
@@ -111,18 +107,18 @@ class EMACodebook(nn.Module):
         self.register_buffer("embed_sum", torch.zeros(num_codes, code_dim))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("ema_steps", torch.tensor(0, dtype=torch.int64))
-        self.register_buffer("last_used", torch.zeros(num_codes, dtype=torch.int64))
-        # The identity (mean 0, second moment 1) unless affine_reparam moves them.
+        # Measured only with affine_reparam; a second moment of 0 marks moments never measured.
         self.register_buffer("data_mean", torch.zeros(code_dim))
-        self.register_buffer("data_sq_mean", torch.ones(code_dim))
+        self.register_buffer("data_sq_mean", torch.zeros(code_dim))
         # A host-side copy of `initialized`, so that the common path never reads a device flag.
         self._initialized = False
         self._pending: PendingStats | None = None  # statistics gathered inside accumulate()
+        self._prepared, self._prepared_key = None, None  # the search's form of the codebook, in eval
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_initialized_flag())
 
     @property
     def restarts_enabled(self) -> bool:
-        return self.dead_code_threshold > 0 or self.dead_code_patience > 0
+        return self.dead_code_threshold > 0
 
     # -- search and statistics ------------------------------------------------------------------------------
 
@@ -130,24 +126,27 @@ class EMACodebook(nn.Module):
         return self.backend == "triton" or (self.backend == "auto" and rows.is_cuda)
 
     def nearest(self, rows: torch.Tensor) -> torch.Tensor:
-        """Index of each row's nearest code (int64 [N]); -1 for rows holding NaN or inf."""
+        """Index of each row's nearest code (int64 [N]); -1 for rows holding NaN or inf. The kernels read the rows in
+        their own dtype, against the fp32 codebook."""
         if not self.use_triton(rows):
             return reference.nearest_code(rows, self.codebook)[0]
-        if self.precision == "exact":  # exact against the fp32 codebook, so the rows come up to fp32
-            return kernels.nearest_code_op(rows.float(), self.codebook, "exact")[0]
-        return kernels.nearest_code_op(rows, self.codebook.to(rows.dtype), "fast")[0]
+        prepared = self._prepared_codebook()
+        return kernels.nearest_code_prepared_op(rows, self.codebook, *prepared, self.precision)[0]
 
-    def _stats(self, rows: torch.Tensor, indices: torch.Tensor, learn: torch.Tensor):
-        """Per-code counts and sums of the rows to learn from, and (affine_reparam) their per-feature sum of
-        squares: the second moment that the per-code sums do not give."""
+    def _prepared_codebook(self):
+        """The codebook in the search's operand form (`kernels.prepare_codebook`), made once per codebook change:
+        in training the codebook changes every step; in eval it is kept until the codebook tensor is written
+        (its version counter moves) or replaced (moved to another device, loaded)."""
+        key = (self.codebook.data_ptr(), self.codebook._version)
+        if self.training or torch.compiler.is_compiling() or self._prepared_key != key:
+            self._prepared = kernels.prepare_codebook_op(self.codebook)
+            self._prepared_key = key
+        return self._prepared
+
+    def _stats(self, rows: torch.Tensor, indices: torch.Tensor):
         if self.use_triton(rows):
-            counts, sums = kernels.code_stats_op(rows, indices, self.num_codes, self.deterministic)
-        else:
-            counts, sums = reference.code_stats(rows, indices, self.num_codes)
-        sq_sums = None
-        if self.affine_reparam:
-            sq_sums = torch.where(learn[:, None], rows.float(), 0.0).square().sum(dim=0)
-        return counts, sums, sq_sums
+            return kernels.code_stats_op(rows, indices, self.num_codes, self.deterministic)
+        return reference.code_stats(rows, indices, self.num_codes)
 
     # -- the EMA step ---------------------------------------------------------------------------------------
 
@@ -156,17 +155,18 @@ class EMACodebook(nn.Module):
         """Gather a batch's statistics (rows with index -1 add nothing) and re-seed candidates; take the EMA step
         now or, inside accumulate(), when the block ends. Returns the batch's per-code counts and the codes found
         dead (before their re-seeding)."""
-        counts, sums, sq_sums = self._stats(rows, indices, learn)
+        counts, sums = self._stats(rows, indices)
         candidates, candidate_ok = self._reseed_candidates(rows, learn)
         if self._pending is not None:
-            self._pending.add(counts, sums, sq_sums, candidates, candidate_ok)
+            self._pending.add(counts, sums, candidates, candidate_ok)
             return counts, self.dead_codes()
-        return counts, self._commit(counts, sums, sq_sums, candidates, candidate_ok)
+        return counts, self._commit(counts, sums, candidates, candidate_ok)
 
     @contextlib.contextmanager
     def accumulate(self):
         """Gradient accumulation: inside the block, training forwards only gather EMA statistics; on leaving it,
-        the codebook takes one EMA step with the statistics of every micro-batch, as if they were one batch.
+        the codebook takes one EMA step with the statistics of every micro-batch, as if they were one batch. (With
+        affine_reparam the frame still follows each micro-batch before it is searched, moving every code.)
 
             with quantizer.accumulate() as step:
                 for micro_batch in chunks:
@@ -183,56 +183,60 @@ class EMACodebook(nn.Module):
             self._pending = None
         if pending.counts is not None:
             with torch.no_grad(), torch.autocast(device_type=pending.counts.device.type, enabled=False):
-                dead = self._commit(pending.counts, pending.sums, pending.sq_sums, pending.candidates,
-                                    pending.candidate_ok)
+                dead = self._commit(pending.counts, pending.sums, pending.candidates, pending.candidate_ok)
             pending.dead_codes = dead.sum()
 
-    def _commit(self, counts, sums, sq_sums, candidates, candidate_ok) -> torch.Tensor:
+    def _commit(self, counts, sums, candidates, candidate_ok) -> torch.Tensor:
         """One EMA step from summed statistics, then re-seed the dead codes. Across processes, the statistics and
         the candidates are summed first, so that every rank makes the same step and the same re-seeds.
         Returns the dead-code mask found before re-seeding."""
-        counts, sums, sq_sums, candidates, candidate_ok = sum_across_ranks(counts, sums, sq_sums, candidates,
-                                                                           candidate_ok)
-        decay = self.current_decay()
+        counts, sums, candidates, candidate_ok = sum_across_ranks(counts, sums, candidates, candidate_ok)
         state = (self.cluster_size, self.embed_sum, self.codebook)
         if self.use_triton(self.codebook):
-            kernels.ema_blend_op(*state, counts, sums, decay, self.eps)
+            kernels.ema_blend_op(*state, counts, sums, self.current_decay(), self.eps)
         else:
-            reference.ema_blend_(*state, counts, sums, decay, self.eps)
-        if self.affine_reparam:
-            self._follow_moments(counts.sum(), sums.sum(dim=0), sq_sums, torch.clamp(decay, max=MOMENT_DECAY))
+            reference.ema_blend_(*state, counts, sums, self.current_decay(), self.eps)
         if self.cosine:  # the averaged codes back onto the sphere (a batch without rows changed nothing)
             self.codebook.copy_(torch.where(counts.sum() > 0, F.normalize(self.codebook, dim=1), self.codebook))
-        self.ema_steps.add_(1)
-        self.last_used.copy_(torch.where(counts > 0, self.ema_steps, self.last_used))
+        self.ema_steps.add_((counts.sum() > 0).long())  # a batch without rows is no step: nothing changes
         dead = self.dead_codes()
         self._restart_dead_codes(dead, candidates, candidate_ok, counts.sum())
         return dead
+
+    # -- the moving frame (affine_reparam) ------------------------------------------------------------------
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The running per-feature mean and standard deviation of the data (affine_reparam)."""
         variance = (self.data_sq_mean - self.data_mean.square()).clamp(min=VARIANCE_FLOOR)
         return self.data_mean, variance.sqrt()
 
-    def _follow_moments(self, rows: torch.Tensor, row_sum: torch.Tensor, sq_sums: torch.Tensor, decay) -> None:
-        """Blend the batch's moments into the running ones, and move every code (and its EMA sum) by the change of
-        frame: c -> mean' + std' / std * (c - mean). A batch without rows changes nothing; the first batch measured
-        (after an initialisation, or a state saved without moments) sets the moments and moves no code."""
-        active = rows > 0
+    @torch.no_grad()
+    def follow_batch_(self, rows: torch.Tensor, usable: torch.Tensor | None) -> None:
+        """Before a training batch is searched: blend its moments (over the `usable` rows, finite and not masked
+        out) into the running ones, and move every code, and its EMA sum, by the change of frame
+        c -> mean' + std' / std * (c - mean). A batch of n rows weighs n / (n + MOMENT_ROWS), so a large batch
+        sets the frame almost alone (no lag behind a growing cloud) and small ones are averaged. A batch without
+        rows changes nothing; the first one measured (after initialisation, or a state saved without moments)
+        sets the moments and moves no code."""
+        rows = rows.float()
+        finite = torch.isfinite(rows).all(dim=1)
+        usable = finite if usable is None else finite & usable
+        n, row_sum, sq_sum = sum_moments_across_ranks(usable.sum().float(), torch.where(usable[:, None], rows, 0.0))
         measured = self.data_sq_mean.sum() > 0  # 0 marks moments never measured
-        n = rows.clamp(min=1.0)
-        keep = torch.where(measured, decay, 0.0)
-        old_mean, old_std = self.moments()
-        old_mean, old_std = old_mean.clone(), old_std.clone()
-        self.data_mean.copy_(torch.where(active, keep * self.data_mean + (1.0 - keep) * row_sum / n, self.data_mean))
-        self.data_sq_mean.copy_(torch.where(active, keep * self.data_sq_mean + (1.0 - keep) * sq_sums / n,
+        weight = torch.where(measured, n / (n + MOMENT_ROWS), 1.0)
+        active = n > 0
+        old_mean, old_std = (t.clone() for t in self.moments())
+        per_row = n.clamp(min=1.0)
+        self.data_mean.copy_(torch.where(active, (1 - weight) * self.data_mean + weight * row_sum / per_row,
+                                         self.data_mean))
+        self.data_sq_mean.copy_(torch.where(active, (1 - weight) * self.data_sq_mean + weight * sq_sum / per_row,
                                             self.data_sq_mean))
         mean, std = self.moments()
         move = active & measured
         ratio = std / old_std
-        weight = self.cluster_size[:, None]  # embed_sum = weight * codebook, to the Laplace smoothing's eps
+        count = self.cluster_size[:, None]  # embed_sum = count * codebook, to the Laplace smoothing's eps
         self.codebook.copy_(torch.where(move, mean + ratio * (self.codebook - old_mean), self.codebook))
-        self.embed_sum.copy_(torch.where(move, ratio * (self.embed_sum - weight * old_mean) + weight * mean,
+        self.embed_sum.copy_(torch.where(move, ratio * (self.embed_sum - count * old_mean) + count * mean,
                                          self.embed_sum))
 
     def current_decay(self) -> torch.Tensor:
@@ -246,11 +250,8 @@ class EMACodebook(nn.Module):
     # -- dead codes -----------------------------------------------------------------------------------------
 
     def dead_codes(self) -> torch.Tensor:
-        """Bool [K]: codes whose EMA count is under the threshold, or that no row chose in `patience` steps."""
-        dead = self.cluster_size < self.dead_code_threshold
-        if self.dead_code_patience > 0:
-            dead |= self.ema_steps - self.last_used >= self.dead_code_patience
-        return dead
+        """Bool [K]: codes whose EMA count is under the threshold."""
+        return self.cluster_size < self.dead_code_threshold
 
     def _reseed_candidates(self, rows: torch.Tensor, learn: torch.Tensor):
         """One random row of the batch per code, and whether it may seed a code (finite and not masked out);
@@ -269,7 +270,6 @@ class EMACodebook(nn.Module):
         self.codebook.copy_(torch.where(reseed[:, None], candidates, self.codebook))
         self.embed_sum.copy_(torch.where(reseed[:, None], candidates * seed, self.embed_sum))
         self.cluster_size.copy_(torch.where(reseed, seed, self.cluster_size))
-        self.last_used.copy_(torch.where(reseed, self.ema_steps, self.last_used))
 
     def _restart_seed(self, rows_in_step: torch.Tensor) -> torch.Tensor:
         if self.restart_count is not None:
@@ -302,7 +302,6 @@ class EMACodebook(nn.Module):
         # A code's EMA count tends to its share of the rows of one step (all ranks together).
         seed = max(rows.shape[0] * world_size() / self.num_codes, self._seed_floor())
         self.ema_steps.zero_()
-        self.last_used.zero_()
         if self.affine_reparam:
             self.data_mean.copy_(rows.mean(dim=0))
             self.data_sq_mean.copy_(rows.square().mean(dim=0))
@@ -317,11 +316,10 @@ class EMACodebook(nn.Module):
         self._initialized = bool(self.initialized)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A state written before the warm-up and the usage clock existed (an older checkpoint, or an adapter's
-        # import from another package) is a trained codebook: past its warm-up, every code just used.
+        # A state written before the warm-up existed (an older checkpoint, or an adapter's import from another
+        # package) is a trained codebook: past its warm-up.
         if prefix + "codebook" in state_dict and prefix + "ema_steps" not in state_dict:
             state_dict[prefix + "ema_steps"] = torch.tensor(TRAINED)
-            state_dict[prefix + "last_used"] = torch.full((self.num_codes,), TRAINED)
         if prefix + "codebook" in state_dict and prefix + "data_mean" not in state_dict:  # moments not measured yet
             state_dict[prefix + "data_mean"] = torch.zeros(self.code_dim)
             state_dict[prefix + "data_sq_mean"] = torch.zeros(self.code_dim)
@@ -370,8 +368,8 @@ def kmeans_plus_plus(rows: torch.Tensor, k: int, rounds: int = KMEANS_ROUNDS) ->
     return torch.cat(picked)
 
 
-def _check_codebook_config(num_codes, code_dim, decay, eps, init, dead_code_threshold, dead_code_patience, restart_count,
-                           backend, precision):  # noqa: PLR0913
+def _check_codebook_config(num_codes, code_dim, decay, eps, init, dead_code_threshold, restart_count, backend,
+                           precision):
     if not isinstance(num_codes, int) or num_codes < 1:
         raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
     if not isinstance(code_dim, int) or code_dim < 1:
@@ -382,8 +380,6 @@ def _check_codebook_config(num_codes, code_dim, decay, eps, init, dead_code_thre
         raise ValueError(f"eps must be positive, got {eps}")
     if not (dead_code_threshold >= 0.0 and math.isfinite(dead_code_threshold)):
         raise ValueError(f"dead_code_threshold must be finite and >= 0, got {dead_code_threshold}")
-    if not isinstance(dead_code_patience, int) or dead_code_patience < 0:
-        raise ValueError(f"dead_code_patience must be an int >= 0 (steps; 0 = off), got {dead_code_patience!r}")
     if restart_count is not None and not (restart_count > 0.0 and math.isfinite(restart_count)):
         raise ValueError(f"restart_count must be positive and finite (or None), got {restart_count}")
     for name, value, allowed in (("init", init, INITS), ("backend", backend, BACKENDS),

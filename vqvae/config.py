@@ -62,7 +62,6 @@ class QuantizerConfig:
     codebook_dim: int = 0  # search a learned projection to this many features; 0 = model.embedding_dim itself
     cosine: bool = False  # l2-normalised vectors and codes: nearest = most similar direction
     dead_code_threshold: float = 1.0  # EMA count under which a code is re-seeded from the batch; 0 = off
-    dead_code_patience: int = 0  # steps without a row after which a code is re-seeded; 0 = off
     deterministic: bool = False
     num_quantizers: int = 1  # residual VQ layers, each quantizing what the ones before it left; 1 = a single quantizer
     shared_codebook: bool = False  # residual VQ: one codebook for every layer
@@ -137,8 +136,7 @@ POSITIVE = (
 )
 NON_NEGATIVE = (
     "data.samples_per_epoch", "data.val_samples", "data.num_workers", "model.residual_layers",
-    "quantizer.commitment_weight", "quantizer.dead_code_threshold", "quantizer.dead_code_patience",
-    "quantizer.codebook_dim", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
+    "quantizer.commitment_weight", "quantizer.dead_code_threshold", "quantizer.codebook_dim", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
     "optim.grad_clip", "train.eval_batches", "train.seed",
 )
 UNIT_INTERVAL = ("quantizer.decay", "optim.beta1", "optim.beta2")  # open interval (0, 1)

@@ -65,9 +65,8 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
     The codebook options (see `vqvae.codebook`): `ema_warmup` (a decay that starts at 0.1 and reaches `decay`),
     `init` ("random" rows of the first training batch, or "kmeans++"), `affine_reparam` (codes kept in the frame of
     the data's running moments, so they follow its shifts and growth; None = on unless `cosine`),
-    `dead_code_threshold` (EMA count, in rows per step, under which a code is dead; 0 = off), `dead_code_patience`
-    (steps without a row after which a code is dead; 0 = off), `restart_count` (the EMA count a re-seeded code
-    starts with; None = its share of a step's rows).
+    `dead_code_threshold` (EMA count, in rows per step, under which a code is dead and re-seeded; 0 = off),
+    `restart_count` (the EMA count a re-seeded code starts with; None = its share of a step's rows).
 
     Where the search happens: `codebook_dim` (an int below `dim`) quantizes a learned linear projection of the input
     to that many features, and maps the code back with a second one (ViT-VQGAN's factorised codes: low-dimensional
@@ -78,7 +77,7 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
     def __init__(self, num_codes: int = 4096, dim: int = 256, decay: float = 0.99, eps: float = 1e-5,
                  commitment_weight: float = 0.25, *, backend: str = "auto", precision: str = "exact",
                  ema_warmup: bool = True, init: str = "random", affine_reparam: bool | None = None,
-                 dead_code_threshold: float = 1.0, dead_code_patience: int = 0, restart_count: float | None = None,
+                 dead_code_threshold: float = 1.0, restart_count: float | None = None,
                  codebook_dim: int | None = None, cosine: bool = False, deterministic: bool = False,
                  layout: str = "auto"):
         if not (commitment_weight >= 0.0 and math.isfinite(commitment_weight)):
@@ -91,7 +90,7 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
             affine_reparam = not cosine
         super().__init__(num_codes, codebook_dim or dim, decay=decay, eps=eps, ema_warmup=ema_warmup, init=init,
                          affine_reparam=affine_reparam, cosine=cosine, dead_code_threshold=dead_code_threshold,
-                         dead_code_patience=dead_code_patience, restart_count=restart_count, backend=backend,
+                         restart_count=restart_count, backend=backend,
                          precision=precision, deterministic=deterministic)
         self.dim, self.codebook_dim = dim, codebook_dim
         self.commitment_weight, self.layout = commitment_weight, layout
@@ -105,7 +104,7 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
                 f"commitment_weight={self.commitment_weight}, backend={self.backend!r}, "
                 f"precision={self.precision!r}, ema_warmup={self.ema_warmup}, init={self.init!r}, "
                 f"affine_reparam={self.affine_reparam}, dead_code_threshold={self.dead_code_threshold}, "
-                f"dead_code_patience={self.dead_code_patience}, restart_count={self.restart_count}, "
+                f"restart_count={self.restart_count}, "
                 f"deterministic={self.deterministic}, layout={self.layout!r}")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
@@ -120,6 +119,8 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
             z = self._to_code_space(rows)
             if self.training and not self._initialized:
                 self.initialise_(z.detach() if keep is None else z.detach()[keep])
+            elif self.training and self.affine_reparam:
+                self.follow_batch_(z.detach(), keep)
             indices = self.nearest(z.detach())
             matched = indices >= 0
             codes = F.embedding(indices.clamp(min=0), self.codebook)
