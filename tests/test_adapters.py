@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vqvae.adapters import SonnetVectorQuantizerEMA, TamingVectorQuantizer, VectorQuantize
+from vqvae.adapters import ResidualVQ, SonnetVectorQuantizerEMA, TamingVectorQuantizer, VectorQuantize
 
 vqp = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is a test dependency")
 
@@ -145,3 +145,131 @@ def test_foreign_state_with_several_codebooks_is_refused():
     state = {"_codebook.embed": torch.zeros(2, CODES, DIM)}
     with pytest.raises(ValueError, match="single-codebook state"):
         ours.load_vector_quantize_pytorch_state(state)
+
+
+# -- ResidualVQ ------------------------------------------------------------------------------------------------
+
+RVQ_DIM, RVQ_CODES = 12, 24
+
+
+def _residual_codebooks(layers):
+    """Layer l's codes at scale 3 * 0.3^l, and inputs made of one code per layer: each layer's residual sits near
+    one of its codes, so no decision is close to a tie. (0.3^7 keeps the deepest layer's codes ~500 times above
+    the fp32 rounding of the inputs.)"""
+    scales = [3.0 * 0.3 ** layer for layer in range(layers)]
+    return [torch.randn(RVQ_CODES, RVQ_DIM) * scale for scale in scales], scales
+
+
+def _residual_batch(codebooks, scales, *shape):
+    x = sum(book[torch.randint(0, RVQ_CODES, shape)] for book in codebooks)
+    return x + 1e-3 * scales[-1] * torch.randn(*shape, RVQ_DIM)
+
+
+def _residual_peer(codebooks, **kwargs):
+    peer = vqp.ResidualVQ(dim=RVQ_DIM, num_quantizers=len(codebooks), codebook_size=RVQ_CODES, decay=0.99,
+                          commitment_weight=0.25, threshold_ema_dead_code=0, rotation_trick=False, **kwargs)
+    with torch.no_grad():
+        for layer, book in zip(peer.layers, codebooks):
+            layer._codebook.embed.copy_(book[None])
+            layer._codebook.embed_avg.copy_(book[None] * 2.0)
+            layer._codebook.cluster_size.fill_(2.0)
+    return peer
+
+
+@pytest.mark.parametrize("layers", [1, 4, 8])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_residual_vq_parity_with_vector_quantize_pytorch_over_training_steps(backend, layers, device):
+    codebooks, scales = _residual_codebooks(layers)
+    peer = _residual_peer(codebooks).to(device).train()
+    ours = ResidualVQ(dim=RVQ_DIM, num_quantizers=layers, codebook_size=RVQ_CODES, decay=0.99,
+                      commitment_weight=0.25, backend=backend).to(device).train()
+    ours.load_vector_quantize_pytorch_state(peer.state_dict())
+    for _ in range(3):
+        x = _residual_batch(codebooks, scales, 3, 37).to(device)
+        peer_quantized, peer_indices, peer_losses = peer(x)
+        quantized, indices, losses = ours(x)
+        assert indices.shape == (3, 37, layers) and torch.equal(indices, peer_indices)
+        torch.testing.assert_close(quantized, peer_quantized, rtol=1e-5, atol=1e-5)
+        assert losses.shape == (layers,)
+        torch.testing.assert_close(losses, peer_losses, rtol=1e-5, atol=1e-10)
+        # The residuals round at the input's scale (|x| ~ 10: ulp ~ 1e-6) in both packages, each in its own way,
+        # and an EMA step moves a code by (1 - decay) of its rows' mean: ~1e-8 apart in absolute terms at every
+        # depth. The deepest codes (~1e-3) move ~1e-5 a step, so these tolerances would see a wrong update there.
+        for layer in range(layers):
+            theirs, mine = peer.layers[layer]._codebook, ours.quantizer.layer(layer)
+            torch.testing.assert_close(mine.codebook, theirs.embed[0], rtol=1e-5, atol=2e-7)
+            torch.testing.assert_close(mine.cluster_size, theirs.cluster_size[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.embed_sum, theirs.embed_avg[0], rtol=1e-5, atol=5e-7)
+
+
+def test_residual_vq_parity_with_projections_masks_and_all_codes():
+    codebooks, scales = _residual_codebooks(3)
+    peer = _residual_peer(codebooks, codebook_dim=RVQ_DIM).train()
+    ours = ResidualVQ(dim=RVQ_DIM, num_quantizers=3, codebook_size=RVQ_CODES, decay=0.99, commitment_weight=0.25,
+                      backend="torch").train()
+    ours.load_vector_quantize_pytorch_state(peer.state_dict())
+    x = _residual_batch(codebooks, scales, 2, 9)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    peer_quantized, peer_indices, peer_losses = peer(x, mask=mask)
+    quantized, indices, losses = ours(x, mask=mask)
+    assert torch.equal(indices, peer_indices) and bool((indices[1, 5:] == -1).all())
+    torch.testing.assert_close(quantized, peer_quantized, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses, peer_losses, rtol=1e-5, atol=1e-7)
+    peer.eval(), ours.eval()
+    *_, peer_codes = peer(x, return_all_codes=True)
+    *_, codes = ours(x, return_all_codes=True)
+    assert codes.shape == (3, 2, 9, RVQ_DIM)
+    torch.testing.assert_close(codes, peer_codes)
+    torch.testing.assert_close(ours.codebooks, peer.codebooks)
+    # the package decodes fewer layers only as -1 (dropped) columns
+    dropped = torch.cat([indices[..., :2], torch.full_like(indices[..., 2:], -1)], dim=-1)
+    torch.testing.assert_close(ours.get_output_from_indices(indices[..., :2]), peer.get_output_from_indices(dropped))
+
+
+def test_residual_vq_with_projections_takes_over_the_packages_projections():
+    codebooks, scales = _residual_codebooks(2)
+    codebooks = [book[:, :5] for book in codebooks]
+    peer = vqp.ResidualVQ(dim=RVQ_DIM, codebook_dim=5, num_quantizers=2, codebook_size=RVQ_CODES,
+                          rotation_trick=False).eval()
+    with torch.no_grad():
+        for layer, book in zip(peer.layers, codebooks):
+            layer._codebook.embed.copy_(book[None])
+    ours = ResidualVQ(dim=RVQ_DIM, codebook_dim=5, num_quantizers=2, codebook_size=RVQ_CODES).eval()
+    ours.load_vector_quantize_pytorch_state(peer.state_dict())
+    x = torch.randn(3, 7, RVQ_DIM)
+    peer_quantized, peer_indices, _ = peer(x)
+    quantized, indices, _ = ours(x)
+    assert torch.equal(indices, peer_indices)
+    torch.testing.assert_close(quantized, peer_quantized)
+
+
+def test_residual_vq_shared_codebook_and_image_maps_as_the_package():
+    """(The package's ResidualVQ fails on image maps in this version, so ours is checked on an image map against
+    the package on the same vectors as a sequence.)"""
+    codebooks, _ = _residual_codebooks(1)
+    peer = vqp.ResidualVQ(dim=RVQ_DIM, num_quantizers=3, codebook_size=RVQ_CODES, shared_codebook=True,
+                          rotation_trick=False).eval()
+    with torch.no_grad():
+        peer.layers[0]._codebook.embed.copy_(codebooks[0][None])
+    ours = ResidualVQ(dim=RVQ_DIM, num_quantizers=3, codebook_size=RVQ_CODES, shared_codebook=True,
+                      accept_image_fmap=True).eval()
+    ours.load_vector_quantize_pytorch_state(peer.state_dict())
+    assert len(ours.quantizer.layers) == 1
+    fmap = torch.randn(2, RVQ_DIM, 5, 3) * 3
+    peer_quantized, peer_indices, _ = peer(fmap.permute(0, 2, 3, 1).reshape(2, 15, RVQ_DIM))
+    quantized, indices, _ = ours(fmap)
+    assert indices.shape == (2, 5, 3, 3) and torch.equal(indices.reshape(2, 15, 3), peer_indices)
+    torch.testing.assert_close(quantized.permute(0, 2, 3, 1).reshape(2, 15, RVQ_DIM), peer_quantized)
+
+
+def test_residual_vq_quantize_dropout_keeps_the_cutoff():
+    ours = ResidualVQ(dim=RVQ_DIM, num_quantizers=4, codebook_size=RVQ_CODES, quantize_dropout=True,
+                      quantize_dropout_cutoff_index=1).train()
+    used = set()
+    for _ in range(30):
+        _, indices, losses = ours(torch.randn(2, 5, RVQ_DIM))
+        count = int((indices[0, 0] >= 0).sum())
+        used.add(count)
+        assert bool((losses[count:] == 0).all())
+    assert used == {2, 3, 4}, "q uniform in [cutoff + 1, num_quantizers]"

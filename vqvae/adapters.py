@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .quantizer import VectorQuantizerEMA
+from .residual import ResidualVectorQuantizerEMA
 
 
 class VectorQuantize(nn.Module):
@@ -30,11 +31,9 @@ class VectorQuantize(nn.Module):
         super().__init__()
         self.channel_last, self.accept_image_fmap = channel_last, accept_image_fmap
         layout = "channels_first" if accept_image_fmap or not channel_last else "channels_last"
-        as_that_package = dict(ema_warmup=False, affine_reparam=False,
-                               restart_count=threshold_ema_dead_code if threshold_ema_dead_code > 0 else None)
         self.quantizer = VectorQuantizerEMA(codebook_size, dim, decay, eps, commitment_weight,
                                             dead_code_threshold=threshold_ema_dead_code, layout=layout,
-                                            **{**as_that_package, **quantizer_kwargs})
+                                            **{**_as_that_package(threshold_ema_dead_code), **quantizer_kwargs})
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -55,17 +54,115 @@ class VectorQuantize(nn.Module):
     @torch.no_grad()
     def load_vector_quantize_pytorch_state(self, state_dict: dict) -> None:
         """Take the codebook and EMA state of a trained `vector_quantize_pytorch.VectorQuantize` (one head)."""
-        codebook = state_dict["_codebook.embed"]
-        if codebook.ndim != 3 or codebook.shape[0] != 1:
-            raise ValueError(f"expected a single-codebook state ('_codebook.embed' of shape (1, K, D)), "
-                             f"got {tuple(codebook.shape)}")
-        # Their embed_avg is our embed_sum: the EMA of per-code sums, which the codebook is normalised from.
-        self.quantizer.load_state_dict({
-            "codebook": codebook[0].float(),
-            "cluster_size": state_dict["_codebook.cluster_size"][0].float(),
-            "embed_sum": state_dict["_codebook.embed_avg"][0].float(),
-            "initialized": torch.tensor(True),
-        })
+        self.quantizer.load_state_dict(_codebook_state(state_dict, "_codebook."))
+
+
+def _as_that_package(threshold_ema_dead_code: float) -> dict:
+    """Our EMA options that reproduce vector-quantize-pytorch's: a constant decay, codes averaged in the data's own
+    coordinates, and a dead code re-seeded with the threshold as its count."""
+    return dict(ema_warmup=False, affine_reparam=False,
+                restart_count=threshold_ema_dead_code if threshold_ema_dead_code > 0 else None)
+
+
+def _codebook_state(state_dict: dict, prefix: str) -> dict:
+    """Our quantizer state from the EuclideanCodebook of vector-quantize-pytorch stored under `prefix`."""
+    codebook = state_dict[prefix + "embed"]
+    if codebook.ndim != 3 or codebook.shape[0] != 1:
+        raise ValueError(f"expected a single-codebook state ('{prefix}embed' of shape (1, K, D)), "
+                         f"got {tuple(codebook.shape)}")
+    # Their embed_avg is our embed_sum: the EMA of per-code sums, which the codebook is normalised from.
+    return {
+        "codebook": codebook[0].float(),
+        "cluster_size": state_dict[prefix + "cluster_size"][0].float(),
+        "embed_sum": state_dict[prefix + "embed_avg"][0].float(),
+        "initialized": torch.tensor(True),
+    }
+
+
+class ResidualVQ(nn.Module):
+    """In the style of `vector_quantize_pytorch.ResidualVQ` (Euclidean EMA codebooks, one head), on
+    `ResidualVectorQuantizerEMA` (`self.quantizer`).
+
+    forward(x, mask=None, return_all_codes=False) -> (quantized, indices, losses) or, with `return_all_codes`,
+    (quantized, indices, losses, all_codes): x of shape (B, N, dim), or (B, dim, H, W) with `accept_image_fmap=True`;
+    indices (B, N, num_quantizers) or (B, H, W, num_quantizers); losses [num_quantizers], each layer's commitment
+    loss; all_codes (num_quantizers, B, N, dim). With `quantize_dropout`, training uses the first q layers, q uniform
+    in [quantize_dropout_cutoff_index + 1, num_quantizers], and the others give index -1 and loss 0. With `mask`, the
+    padding gets zeros and index -1, as in that package. `codebook_dim` projects in and out around the whole stack,
+    as that package does (channels-last input only).
+
+    Each layer's EMA is that package's (a constant decay, no re-parameterisation, a dead code re-seeded with
+    `threshold_ema_dead_code` as its count), unless `quantizer_kwargs` ask for our options; a codebook starts from
+    the first training batch, and `load_vector_quantize_pytorch_state` takes over one trained with that package.
+    Differences: the gradient (our sum passes the input's gradient through once, theirs once per layer, and only
+    the layers before a residual carry its commitment gradient: see `vqvae.residual`); in eval mode the losses are
+    the commitment terms, not zeros; a shared codebook takes one EMA step per training step with every layer's
+    statistics, where theirs blends them in one layer at a time. Not offered: heads, beam search, implicit neural
+    codebooks, DiVeQ, `quantize_dropout_multiple_of`, cosine similarity, the rotation trick.
+    """
+
+    def __init__(self, *, dim: int, num_quantizers: int, codebook_size: int, codebook_dim: int | None = None,
+                 shared_codebook: bool = False, quantize_dropout: bool = False, quantize_dropout_cutoff_index: int = 0,
+                 accept_image_fmap: bool = False, decay: float = 0.8, eps: float = 1e-5,
+                 commitment_weight: float = 1.0, threshold_ema_dead_code: float = 0.0, channel_last: bool = True,
+                 **quantizer_kwargs):
+        super().__init__()
+        self.accept_image_fmap = accept_image_fmap
+        layout = "channels_first" if accept_image_fmap or not channel_last else "channels_last"
+        codebook_dim = codebook_dim or dim
+        self.has_projections = codebook_dim != dim
+        if self.has_projections and layout != "channels_last":
+            raise ValueError("codebook_dim projections are offered for channel-last input (B, N, dim) only")
+        self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
+        self.quantizer = ResidualVectorQuantizerEMA(
+            num_quantizers, codebook_size, codebook_dim, shared_codebook=shared_codebook,
+            layer_dropout=quantize_dropout, min_layers=min(quantize_dropout_cutoff_index + 1, num_quantizers),
+            layout=layout, decay=decay, eps=eps, commitment_weight=commitment_weight,
+            dead_code_threshold=threshold_ema_dead_code,
+            **{**_as_that_package(threshold_ema_dead_code), **quantizer_kwargs})
+
+    @property
+    def num_quantizers(self) -> int:
+        return self.quantizer.num_quantizers
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """(num_quantizers, K, codebook_dim): every layer's codes."""
+        return torch.stack([self.quantizer.layer(i).codebook for i in range(self.num_quantizers)])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_all_codes: bool = False):
+        out = self.quantizer(self.project_in(x), mask=mask)
+        quantized, indices = self.project_out(out.quantized), out.indices
+        if mask is not None:  # as that package does: zeros and index -1 at the padding
+            grid_mask = mask.unsqueeze(1 if self.quantizer.layout == "channels_first" else -1)
+            quantized = torch.where(grid_mask, quantized, 0.0)
+            indices = torch.where(mask[..., None], indices, -1)
+        if not return_all_codes:
+            return quantized, indices, out.losses
+        return quantized, indices, out.losses, self.get_codes_from_indices(indices)
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(*grid, l) codes -> (num_quantizers, *grid, codebook_dim): each layer's code vector, zeros where the
+        index is -1 or the layer is beyond l."""
+        layers = []
+        for i in range(self.num_quantizers):
+            codes = indices[..., i] if i < indices.shape[-1] else torch.full_like(indices[..., 0], -1)
+            layers.append(self.quantizer.decode_layer(i, codes))
+        return torch.stack(layers)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """(*grid, l) codes -> (*grid, dim): the sum of the first l layers' codes, projected out."""
+        return self.project_out(self.quantizer.decode(indices))
+
+    @torch.no_grad()
+    def load_vector_quantize_pytorch_state(self, state_dict: dict) -> None:
+        """Take the codebooks and EMA state (and projections) of a trained `vector_quantize_pytorch.ResidualVQ`."""
+        for i, layer in enumerate(self.quantizer.layers):
+            layer.load_state_dict(_codebook_state(state_dict, f"layers.{i}._codebook."))
+        if self.has_projections:
+            for name in ("project_in", "project_out"):
+                getattr(self, name).load_state_dict({key: state_dict[f"{name}.{key}"] for key in ("weight", "bias")})
 
 
 class TamingVectorQuantizer(nn.Module):

@@ -63,6 +63,9 @@ class QuantizerConfig:
     cosine: bool = False  # l2-normalised vectors and codes: nearest = most similar direction
     dead_code_threshold: float = 1.0  # EMA count under which a code is re-seeded from the batch; 0 = off
     deterministic: bool = False
+    num_quantizers: int = 1  # residual VQ layers, each quantizing what the ones before it left; 1 = a single quantizer
+    shared_codebook: bool = False  # residual VQ: one codebook for every layer
+    layer_dropout: bool = False  # residual VQ: each training batch uses only the first q layers, q drawn uniformly
 
 
 @dataclass
@@ -127,6 +130,7 @@ CHOICES = {
 POSITIVE = (
     "data.image_size", "model.in_channels", "model.hidden_channels", "model.num_downsamples",
     "model.residual_hidden", "model.embedding_dim", "quantizer.num_codes", "quantizer.eps",
+    "quantizer.num_quantizers",
     "train.max_steps", "train.batch_size", "train.grad_accum", "train.usage_window", "train.eval_every",
     "train.ckpt_every", "train.keep_last",
 )
@@ -218,6 +222,10 @@ def validate(cfg: Config, source: str) -> None:
     if cfg.quantizer.affine_reparam and cfg.quantizer.cosine:
         raise ConfigError(f"quantizer.affine_reparam and quantizer.cosine exclude each other (cosine codes live on "
                           f"the unit sphere): set quantizer.affine_reparam=false in {source}")
+    for key in ("shared_codebook", "layer_dropout"):
+        if getattr(cfg.quantizer, key) and cfg.quantizer.num_quantizers == 1:
+            raise ConfigError(f"quantizer.{key} needs residual layers: set quantizer.num_quantizers above 1 "
+                              f"(it is 1) in {source}")
     if cfg.data.source == "hf" and not cfg.data.name:
         raise ConfigError(f"data.name must name a hub dataset when data.source is 'hf' in {source}")
     if cfg.data.source == "folder" and not cfg.data.path:

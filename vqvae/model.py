@@ -4,6 +4,10 @@ With the seed configuration a 3 x 128 x 128 image becomes a 32 x 32 grid of indi
 dimensions (two stride-2 stages), and the decoder turns a code grid back into an image. The layout follows the
 original VQ-VAE (van den Oord et al., 2017): strided 4x4 convolutions, a stack of ReLU residual blocks, and no
 normalisation layers.
+
+With `quantizer.num_quantizers` > 1 the quantizer is a `ResidualVectorQuantizerEMA` and every code grid gains a
+trailing layer axis. `VQVAE.save_pretrained(folder)` / `VQVAE.from_pretrained(folder or repo id)` write and read the
+weights (model.safetensors) with the configuration beside them (config.json): see `vqvae.hub`.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vqvae.config import Config
+from vqvae.config import Config, config_from_dict
+from vqvae.hub import HubMixin
 from vqvae.quantizer import QuantizerOutput, VectorQuantizerEMA
+from vqvae.residual import ResidualQuantizerOutput, ResidualVectorQuantizerEMA
 
 
 class ResidualBlock(nn.Module):
@@ -75,18 +81,19 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
-class VQVAE(nn.Module):
-    def __init__(self, cfg: Config):
+class VQVAE(nn.Module, HubMixin):
+    def __init__(self, config: Config):
         super().__init__()
+        self.config = cfg = config  # config.json of save_pretrained
         m = cfg.model
         self.encoder = Encoder(m.in_channels, m.hidden_channels, m.num_downsamples, m.residual_layers,
                                m.residual_hidden)
         self.pre_quant = nn.Conv2d(m.hidden_channels, m.embedding_dim, 1)
-        self.quantizer = VectorQuantizerEMA(**quantizer_kwargs(cfg))
+        self.quantizer = build_quantizer(cfg)
         self.decoder = Decoder(m.embedding_dim, m.in_channels, m.hidden_channels, m.num_downsamples,
                                m.residual_layers, m.residual_hidden)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput | ResidualQuantizerOutput]:
         """images (B, C, H, W) in [-1, 1] -> (reconstruction (B, C, H, W), the quantizer's outputs).
 
         In training mode this moves the codebook (EMA); in eval mode it does not.
@@ -96,7 +103,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) -> code grid (B, H / 2**n, W / 2**n) int64. Never moves the codebook."""
+        """images (B, C, H, W) -> code grid (B, H / 2**n, W / 2**n) int64, with a trailing layer axis
+        (..., num_quantizers) for residual layers. Never moves the codebook."""
         was_training = self.quantizer.training
         self.quantizer.eval()
         try:
@@ -106,10 +114,28 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """code grid (B, h, w) int64 -> images (B, C, h * 2**n, w * 2**n), roughly in [-1, 1]."""
+        """code grid (B, h, w) int64 -> images (B, C, h * 2**n, w * 2**n), roughly in [-1, 1]. With residual
+        layers the grid is (B, h, w, l): the codes of the first l layers, any l up to num_quantizers."""
         z = self.quantizer.lookup(codes).permute(0, 3, 1, 2)
         dtype = next(self.decoder.parameters()).dtype
         return self.decoder(z.to(dtype).contiguous())
+
+    @classmethod
+    def _constructor_arguments(cls, kwargs: dict, config_file: str) -> dict:
+        # config.json holds the Config as plain JSON: back to the dataclass, validated, errors naming the file.
+        if isinstance(kwargs.get("config"), dict):
+            kwargs = {**kwargs, "config": config_from_dict(kwargs["config"], source=str(config_file))}
+        return kwargs
+
+
+def build_quantizer(cfg: Config) -> VectorQuantizerEMA | ResidualVectorQuantizerEMA:
+    """One VectorQuantizerEMA (num_quantizers = 1: the state-dict keys of before residual layers existed), or
+    num_quantizers residual layers of it."""
+    q = cfg.quantizer
+    if q.num_quantizers == 1:
+        return VectorQuantizerEMA(**quantizer_kwargs(cfg))
+    return ResidualVectorQuantizerEMA(q.num_quantizers, shared_codebook=q.shared_codebook,
+                                      layer_dropout=q.layer_dropout, **quantizer_kwargs(cfg))
 
 
 def quantizer_kwargs(cfg: Config) -> dict:

@@ -16,6 +16,9 @@ is read, `vqvae.layout`'s; how ranks agree, `vqvae.sync`'s.
 - Backends: "triton" runs the fused kernels of `kernels`; "torch" runs `kernels.reference`, chunked PyTorch in
   fp32; "auto" picks Triton for CUDA inputs and PyTorch otherwise. `precision` ("exact" or "fast", see
   `kernels.nearest_code`) applies to the Triton search; the PyTorch search is always fp32.
+- Saving: `save_pretrained(folder)` / `VectorQuantizerEMA.from_pretrained(folder or repo id)` write and read the
+  constructor's arguments and the whole state (codebook and EMA buffers) as config.json and model.safetensors
+  (`vqvae.hub`); `push_to_hub(repo_id)` uploads them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqvae.codebook import BACKENDS, INITS, EMACodebook  # noqa: F401  (re-exported: the options' values)
+from vqvae.hub import HubMixin
 from vqvae.layout import LAYOUTS, from_rows, grid_shape, mask_rows, to_rows
 
 
@@ -55,7 +59,7 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-class VectorQuantizerEMA(EMACodebook):
+class VectorQuantizerEMA(EMACodebook, HubMixin):
     """Quantize (B, dim, *spatial) or (..., dim) tensors against `num_codes` EMA codes.
 
     The codebook options (see `vqvae.codebook`): `ema_warmup` (a decay that starts at 0.1 and reaches `decay`),

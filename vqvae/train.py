@@ -52,6 +52,7 @@ from vqvae.distributed import (Processes, barrier, gather_rng_states, main_proce
 from vqvae.images import reconstruction_grid, usage_histogram
 from vqvae.model import VQVAE, build_model, count_parameters
 from vqvae.quantizer import perplexity
+from vqvae.residual import ResidualQuantizerOutput, ResidualVectorQuantizerEMA, layer_code_counts
 
 
 COLLAPSE_PERPLEXITY = 50.0  # the seed's line: below it the codebook has collapsed
@@ -129,6 +130,7 @@ def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
     ours, theirs = config_to_dict(cfg), config_to_dict(config_from_dict(saved, source=f"checkpoint {path}",
                                                                         check=False))
     keys = [("model", key) for key in ours["model"]] + [("quantizer", "num_codes")]
+    keys += [("quantizer", "num_quantizers"), ("quantizer", "shared_codebook")]
     for section, key in keys:
         if ours[section][key] != theirs[section][key]:
             raise ConfigError(f"cannot resume from {path}: {section}.{key} is {ours[section][key]!r} in the config "
@@ -172,7 +174,8 @@ def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device:
     model.train()
     loss_fn = recon_loss_fn(cfg.train.recon_loss)
     accum = cfg.train.grad_accum
-    totals = torch.zeros(4, device=device)  # recon, vq, perplexity, batch usage
+    totals = torch.zeros(4, device=device)  # recon, vq, perplexity, batch usage (means over residual layers)
+    layers = None  # residual layers: each one's vq loss and perplexity
     with net.quantizer.accumulate() if accum > 1 else contextlib.nullcontext() as ema_step:
         for i in range(accum):
             images = next(batches).to(device, non_blocking=True)
@@ -181,9 +184,12 @@ def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device:
                     recon, q = model(images)
                 recon_loss = loss_fn(recon.float(), images)
                 ((recon_loss + q.loss.float()) / accum).backward()
-            totals += torch.stack([recon_loss.detach(), q.loss.detach().float(), q.perplexity.float(),
-                                   q.usage.float()]) / accum
-            usage.update(q.indices)
+            totals += torch.stack([recon_loss.detach(), q.loss.detach().float(), q.perplexity.float().mean(),
+                                   q.usage.float().mean()]) / accum
+            if isinstance(q, ResidualQuantizerOutput):
+                figures = torch.stack([q.losses.detach().float(), q.perplexity.float()]) / accum
+                layers = figures if layers is None else layers + figures
+            usage.update(usage_codes(q.indices, cfg))
     if ddp:
         # every rank's codes count, so the window figures (and the copy in checkpoints) are the global ones
         dist.all_reduce(usage.counts[usage.step % usage.window])
@@ -194,9 +200,53 @@ def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device:
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    dead = q.dead_codes if accum == 1 else ema_step.dead_codes
     return {"recon_loss": totals[0], "vq_loss": totals[1], "perplexity": totals[2], "usage": totals[3],
             "window_perplexity": usage.perplexity(), "window_usage": usage.fraction(),
-            "dead_codes": q.dead_codes if accum == 1 else ema_step.dead_codes, "grad_norm": grad_norm}
+            "dead_codes": dead_code_total(dead, cfg), "grad_norm": grad_norm, **layer_metrics(layers, dead)}
+
+
+# ---- residual layers in the metrics ----
+
+def layer_metrics(layers: torch.Tensor | None, dead: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each residual layer's figures, `layer<l>/...` from 1 (none for a single quantizer): vq loss and perplexity
+    (stacked [2, L], means over the micro-batches) and dead codes."""
+    if layers is None:
+        return {}
+    metrics = {}
+    for i in range(layers.shape[1]):
+        metrics.update({f"layer{i + 1}/vq_loss": layers[0, i], f"layer{i + 1}/perplexity": layers[1, i],
+                        f"layer{i + 1}/dead_codes": dead[i]})
+    return metrics
+
+
+def dead_code_total(dead: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Dead codes over all the codebooks. Residual layers report theirs per layer; layers sharing one codebook
+    each report that codebook's, so it is counted once."""
+    if dead.ndim == 0:
+        return dead
+    return dead[0] if cfg.quantizer.shared_codebook else dead.sum()
+
+
+def counted_codes(cfg: Config) -> int:
+    """Bins of the usage window: residual layers' codes count apart (layer l's code k is bin l * K + k), so the
+    window's usage is the fraction of all the layers' codes in use."""
+    return cfg.quantizer.num_codes * cfg.quantizer.num_quantizers
+
+
+def usage_codes(indices: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """The usage window's bins of a batch's codes (see counted_codes); -1 (no code) stays -1."""
+    if cfg.quantizer.num_quantizers == 1:
+        return indices
+    offsets = torch.arange(indices.shape[-1], device=indices.device) * cfg.quantizer.num_codes
+    return torch.where(indices >= 0, indices + offsets, -1)
+
+
+def ema_counts(quantizer) -> torch.Tensor:
+    """Every code's EMA count, for the usage chart: residual layers' codebooks one after another."""
+    if isinstance(quantizer, ResidualVectorQuantizerEMA):
+        return torch.cat([layer.cluster_size for layer in quantizer.layers])
+    return quantizer.cluster_size
 
 
 class CodeUsage:
@@ -239,7 +289,7 @@ def evaluate(model: VQVAE, loader, cfg: Config, device: torch.device, max_batche
     ``max_batches`` batches). Also returns the first batch and its reconstruction, for the grid."""
     model.eval()
     loss_fn = recon_loss_fn(cfg.train.recon_loss)
-    counts = torch.zeros(cfg.quantizer.num_codes, device=device)
+    counts = torch.zeros(cfg.quantizer.num_quantizers, cfg.quantizer.num_codes, device=device)  # per layer
     recon_sum = vq_sum = psnr_sum = torch.zeros((), device=device)
     n, sample = 0, None
     for i, images in enumerate(loader):
@@ -255,16 +305,20 @@ def evaluate(model: VQVAE, loader, cfg: Config, device: torch.device, max_batche
         # PSNR on [0, 1] pixels: the images span [-1, 1], so the squared error shrinks by 4
         mse01 = ((recon.clamp(-1, 1) - images) ** 2).mean(dim=(1, 2, 3)) / 4
         psnr_sum = psnr_sum + (-10 * torch.log10(mse01.clamp_min(1e-10))).sum()
-        flat = q.indices.reshape(-1)
-        bins = torch.where(flat >= 0, flat, counts.numel())  # -1 marks a non-finite vector: an extra, dropped bin
-        counts += torch.bincount(bins, minlength=counts.numel() + 1)[:-1].float()
+        # -1 marks a non-finite vector: it counts for no code
+        layer_axis = q.indices if isinstance(q, ResidualQuantizerOutput) else q.indices[..., None]
+        counts += layer_code_counts(layer_axis, cfg.quantizer.num_codes)
         n += b
         if sample is None:
             sample = (images[:8].cpu(), recon[:8].cpu())
     model.train()
     # over the whole split's codes at once, not an average of per-batch figures
+    # (residual layers: each layer's, and their means)
+    layer_perplexity = torch.stack([perplexity(layer_counts) for layer_counts in counts])
     metrics = {"recon_loss": recon_sum / n, "vq_loss": vq_sum / n, "psnr": psnr_sum / n,
-               "perplexity": perplexity(counts), "usage": (counts > 0).float().mean()}
+               "perplexity": layer_perplexity.mean(), "usage": (counts > 0).float().mean()}
+    if len(counts) > 1:
+        metrics.update({f"layer{i + 1}/perplexity": value for i, value in enumerate(layer_perplexity)})
     return {k: float(v) for k, v in metrics.items()}, sample
 
 
@@ -362,7 +416,7 @@ def evaluate_and_log(model, val_loader, cfg: Config, device, run_dir: Path, step
     grid = reconstruction_grid(*sample)
     grid_path = run_dir / f"recon_{step:07d}.png"
     grid.save(grid_path)
-    hist = usage_histogram(model.quantizer.cluster_size, cfg.quantizer.dead_code_threshold)
+    hist = usage_histogram(ema_counts(model.quantizer), cfg.quantizer.dead_code_threshold)
     hist.save(run_dir / f"usage_{step:07d}.png")  # in the run folder too: W&B may be off or never synced
     log(metrics_file, run, step, {f"val/{k}": v for k, v in metrics.items()},
         images={"val/reconstructions": grid, "val/codebook_usage": hist})
@@ -427,7 +481,7 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
     model = build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    usage = CodeUsage(cfg.quantizer.num_codes, cfg.train.usage_window, device)
+    usage = CodeUsage(counted_codes(cfg), cfg.train.usage_window, device)
     progress, ckpt = Progress(world_size=procs.world_size), None
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, map_location=device)
