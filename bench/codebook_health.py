@@ -202,14 +202,15 @@ def read_runs(out_dir: Path) -> dict[str, tuple[list[dict], dict | None]]:
 
 
 def summary_table(runs: dict, checkpoints=(1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 400, 500, 600)) -> str:
-    """Markdown: perplexity at chosen steps, its minimum after step 1, dead codes and losses at the last step,
-    and the validation figures."""
+    """Markdown: perplexity at chosen steps, its minimum after step 1, the window perplexity, dead codes and losses
+    at the last step, and the validation figures."""
     lines = []
     longest = max(len(rows) for rows, _ in runs.values())
     steps = [s for s in checkpoints if s <= longest]
     lines.append("| variant | " + " | ".join(f"ppl @{s}" for s in steps)
-                 + " | min ppl (step > 1) | dead @end | recon @end (mean of last 10) | val PSNR | val ppl | val usage |")
-    lines.append("| --- |" + " ---: |" * (len(steps) + 6))
+                 + " | min ppl (step > 1) | window ppl @end | dead @end | recon @end (mean of last 10) | val PSNR | val ppl "
+                 "| val usage |")
+    lines.append("| --- |" + " ---: |" * (len(steps) + 7))
     for name, (rows, val) in runs.items():
         by_step = {int(r["step"]): r for r in rows}
         ppl = [f"{by_step[s]['perplexity']:.0f}" if s in by_step else "" for s in steps]
@@ -218,7 +219,7 @@ def summary_table(runs: dict, checkpoints=(1, 2, 5, 10, 20, 30, 40, 50, 75, 100,
         v = (f"{float(val['val_psnr']):.2f} | {float(val['val_perplexity']):.0f} | {float(val['val_usage']):.2f}"
              if val else " | | ")
         lines.append(f"| {name} | " + " | ".join(ppl) + f" | {min(later) if later else float('nan'):.0f} | "
-                     f"{rows[-1]['dead_codes']:.0f} | {recon:.4f} | {v} |")
+                     f"{rows[-1]['window_perplexity']:.0f} | {rows[-1]['dead_codes']:.0f} | {recon:.4f} | {v} |")
     return "\n".join(lines)
 
 
