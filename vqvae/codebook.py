@@ -32,8 +32,8 @@ Rules:
   re-seeded from random rows of the batch, with the seed count (or `restart_count`), on the device, with no host
   synchronisation. Random rows follow the data's density, so restarts move codes from where the data is sparse to
   where it is dense, which evens out the usage. The shipped configs use a quarter of the codes' fair share (rows per
-  step / K); at the seed configuration, 6 and 8 (of a fair share of 16) read 5-10% more perplexity over steps
-  30-36 for 1.5-3 times the re-seeds (bench/RESULTS.md).
+  step / K); at the seed configuration 6 and 8 (of a fair share of 16) gave the same mean perplexity over steps
+  2-36 (7-8% more over steps 30-36) for 2-3.7 times the re-seeds (bench/RESULTS.md).
 - Several processes (torch.distributed initialised): the statistics and re-seed candidates of every step are
   summed over the ranks first (`vqvae.sync`), and the initialisation is broadcast from rank 0, so every rank keeps
   the same codebook.
