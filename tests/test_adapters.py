@@ -20,6 +20,23 @@ def _near(codes, *shape):
     return codes[picks] + 0.1 * torch.randn(*shape, DIM)
 
 
+def _decisive_rows(codebook, centres, shape, margin=1e-3):
+    """Rows near `centres`, none of them a near-tie between two codes of `codebook`: a restarted code sits on a row
+    of an earlier batch, often beside another code, and where the two nearest squared distances (fp64) are within
+    `margin` the package's fp32 expansion |x|^2 - 2 x.c + |c|^2 (rounding ~1e-5 here) may choose either. Such rows
+    are redrawn, so every decision compared is one that both packages must get right."""
+    rows = centres[torch.randint(0, len(centres), shape)] + 0.1 * torch.randn(*shape, DIM)
+    flat = rows.reshape(-1, DIM)
+    while True:
+        d2 = torch.cdist(flat.double(), codebook.double()).square()
+        best_two = d2.topk(2, dim=1, largest=False).values
+        ambiguous = best_two[:, 1] - best_two[:, 0] < margin
+        if not ambiguous.any():
+            return rows
+        redraw = centres[torch.randint(0, len(centres), (int(ambiguous.sum()),))]
+        flat[ambiguous] = redraw + 0.1 * torch.randn(len(redraw), DIM)
+
+
 def _peer(codes, decay):
     peer = vqp.VectorQuantize(dim=DIM, codebook_size=CODES, decay=decay, commitment_weight=0.25,
                               threshold_ema_dead_code=0, rotation_trick=False)
@@ -64,7 +81,7 @@ def test_parity_with_vector_quantize_pytorch_when_dead_codes_restart(backend, de
     ours.load_vector_quantize_pytorch_state(peer.state_dict())
     restarted_any = False
     for _ in range(6):
-        x = (codes[torch.randint(0, 20, (4, 60))] + 0.1 * torch.randn(4, 60, DIM)).to(device)
+        x = _decisive_rows(peer._codebook.embed[0].cpu(), codes[:20], (4, 60)).to(device)
         size_before = peer._codebook.cluster_size[0].clone()
         peer_quantized, peer_indices, peer_loss = peer(x)
         quantized, indices, loss = ours(x)
