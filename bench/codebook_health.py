@@ -53,7 +53,8 @@ COLUMNS = ("step", "perplexity", "window_perplexity", "usage", "window_usage", "
            "vq_loss", "z_spread", "z_mean_shift", "code_mean_gap", "seconds")
 
 # Every codebook-health option of VectorQuantizerEMA, set as it was before them: `legacy` and the `ours-no-*` runs.
-LEGACY = {"ema_warmup": False, "init": "random", "affine_reparam": False, "dead_code_threshold": 1.0}
+LEGACY = {"ema_warmup": False, "init": "random", "kmeans_iters": 0, "affine_reparam": False,
+          "dead_code_threshold": 1.0}
 
 
 def _ours(**overrides):
@@ -72,6 +73,8 @@ VARIANTS = {
     "ours": _ours(),
     "legacy": _ours(**LEGACY),
     "ours-no-warmup": _ours(ema_warmup=False),
+    "ours-warmup10": _ours(ema_warmup_steps=10),
+    "ours-no-kmeans-iters": _ours(kmeans_iters=0),
     "ours-no-affine": _ours(affine_reparam=False),
     "ours-threshold1": _ours(dead_code_threshold=1.0),
     "ours+kmeans": _ours(init="kmeans++"),

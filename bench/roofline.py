@@ -91,6 +91,21 @@ def _best_seconds(fn, device: str, repeats: int) -> float:
     return best
 
 
+def _cpu_matmul_size(dtype: torch.dtype, max_n: int = 2048, call_s: float = 0.2) -> int:
+    """The smallest square size whose matmul takes call_s, at most max_n: fp32 reaches max_n, the size from which a
+    2-core CPU sustains its rate (~0.15 s a call), but a CPU without bf16 instructions emulates bf16 at ~1/60 of
+    that rate, where max_n would take ~40 s a call (the benchmark session's first fixture waited minutes on it)."""
+    n = 256
+    while n < max_n:
+        a = torch.randn(n, n).to(dtype)
+        start = time.perf_counter()
+        torch.mm(a, a)
+        if time.perf_counter() - start >= call_s:
+            break
+        n *= 2
+    return n
+
+
 @functools.cache
 def peak_bandwidth(device: str) -> float:
     """Bytes per second of a large copy (read + write), measured."""
@@ -110,8 +125,8 @@ def peak_flops(device: str, precision: str) -> float:
         return peak_flops(device, "tf32") / 3.0
     if precision == "tf32" and device != "cuda":
         raise ValueError("tf32 is a CUDA tensor-core precision; the CPU has fp32 and bf16")
-    n = 8192 if device == "cuda" else 2048  # a 2-core CPU sustains the same rate from 2048 up, ~0.1 s a call
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 8192 if device == "cuda" else _cpu_matmul_size(dtype)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)

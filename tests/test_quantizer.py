@@ -86,7 +86,9 @@ def test_half_precision_input_keeps_fp32_state(backend, device):
 
 @pytest.mark.parametrize("init", ["kmeans++", "random"])
 def test_first_training_batch_initialises_the_codebook(init, device):
-    quantizer = VectorQuantizerEMA(16, 4, backend="torch", init=init, dead_code_threshold=0.0).to(device)
+    # kmeans_iters=0: the seeds themselves (Lloyd iterations would move them to means of rows).
+    quantizer = VectorQuantizerEMA(16, 4, backend="torch", init=init, kmeans_iters=0, dead_code_threshold=0.0
+                                   ).to(device)
     assert not quantizer.initialized
     x = torch.randn(64, 4, device=device)
     quantizer.eval()(x)

@@ -16,13 +16,13 @@ class VectorQuantize(nn.Module):
     """In the style of `vector_quantize_pytorch.VectorQuantize` (single head, Euclidean, EMA codebook).
 
     forward(x, mask=None) -> (quantized, indices, loss), x of shape (B, N, dim), (B, dim) or, with
-    `accept_image_fmap=True`, (B, dim, H, W). The codebook starts from the first training batch (as with their
-    `kmeans_init=True`, minus the k-means iterations); `load_vector_quantize_pytorch_state` takes over a
-    codebook trained with that package instead. Its EMA is that package's: a constant decay, codes averaged in the
-    data's own coordinates, and a dead code (EMA count under `threshold_ema_dead_code`) re-seeded from a batch row
-    with that count, unless `quantizer_kwargs` ask for our options (`ema_warmup`, `affine_reparam`, ...). Their
-    other options (heads, projections, cosine similarity, rotation trick, ...) are not offered: the gradient is the
-    plain straight-through one.
+    `accept_image_fmap=True`, (B, dim, H, W). The codebook starts from the first training batch, as with their
+    `kmeans_init=True` (seeds, then `kmeans_iters`=10 Lloyd iterations whose counts start the EMA counts);
+    `load_vector_quantize_pytorch_state` takes over a codebook trained with that package instead. Its EMA is that
+    package's: a constant decay, codes averaged in the data's own coordinates, and a dead code (EMA count under
+    `threshold_ema_dead_code`) re-seeded from a batch row with that count, unless `quantizer_kwargs` ask for our
+    options (`ema_warmup`, `affine_reparam`, ...). Their other options (heads, projections, cosine similarity,
+    rotation trick, ...) are not offered: the gradient is the plain straight-through one.
     """
 
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.8, eps: float = 1e-5,

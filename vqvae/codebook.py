@@ -11,21 +11,32 @@ State (buffers, so they follow `.to()` and the state dict):
 Rules:
 - Initialisation, from the first training batch. `init="kmeans++"`: k-means++ seeding (D^2 sampling, in at most
   64 rounds), so the codes cover the data's regions instead of piling up where it is densest and none is a
-  duplicate while the batch has enough distinct rows; `init="random"`: random rows. The EMA state starts as if
-  each code had already averaged `seed` copies of itself (`seed` = its share of the rows of one step), so the
-  first steps move codes towards their data rather than shrinking them towards zero.
+  duplicate while the batch has enough distinct rows; `init="random"`: random rows. Then `kmeans_iters` Lloyd
+  iterations on the same batch (each code moves to the mean of its rows). The EMA state starts as if each code had
+  already averaged its rows of the last Lloyd iteration (with `kmeans_iters=0`: `seed` copies of itself, `seed` =
+  its share of the rows of one step), so the first steps move codes towards their data rather than shrinking them
+  towards zero, and a code that k-means left (nearly) empty is re-seeded at the first step.
 - The EMA step: Sonnet's VectorQuantizerEMA maths (`kernels.reference.ema_blend_`). With `ema_warmup`, step t
-  (from 0) uses the decay min(decay, (1 + t) / (10 + t)), as bias-corrected moving averages do: 0.1 at first,
-  0.5 after 8 steps, 0.9 after 80, `decay` from then on. Early in training the encoder's outputs move fastest (they
-  start tiny, and the optimizer moves every weight by about the learning rate whatever its gradient); a codebook
-  averaging over 1 / (1 - 0.99) = 100 steps would lag behind them and the encoder would collapse onto the few codes
-  at the edge of the cloud. The decay is a device tensor: no host read, one compiled graph for every step.
+  (from 0) uses the decay min(decay, (1 + t) / (W + t)), W = `ema_warmup_steps` (200): the codebook averages over
+  about 1 + t / W steps, so it starts as a k-means step on each batch and lengthens its memory as training settles
+  (0.5 at step 200, 0.75 at 600, 0.9 at 1800, `decay` = 0.99 from step ~19700 on). Early in training the encoder's
+  outputs move fastest: at the seed configuration their variance grows ~50-fold between steps 30 and 70, almost all
+  of it along one direction, and the clusters within them move by a large part of their width from one step to the
+  next. A codebook averaging over 1 / (1 - 0.99) = 100 steps, or even 10, lags behind them: the codes left behind
+  stop receiving rows and the few at the leading edge of each moving cluster take them all. Replayed on the
+  recorded encoder outputs of steps 1-160 of a seed-configuration run, the lowest batch perplexity was 611 with
+  W = 10, 1291 with W = 100 and 1457 with W = 200 (bench/RESULTS.md). At small batches the decay is raised so
+  that the average holds at least MEMORY_ROWS rows per code. The decay is a device tensor: no host read, one
+  compiled graph for every step.
 - Affine re-parameterisation (`affine_reparam`, after Huh et al. 2023, "Straightening out the straight-through
   estimator"): the codes are kept in the frame of the data's running per-feature mean and standard deviation.
   Before each training batch is searched the frame follows its moments and every code moves with it,
-  c -> mean' + std' / std * (c - mean), so when the encoder's outputs shift or grow (at the seed configuration
-  their spread grows about tenfold in the first hundred steps) every code follows at once, the unused ones too.
-  The state stays in the data's coordinates; eval mode leaves the frame where training left it.
+  c -> mean' + std' / std * (c - mean), so when the encoder's outputs shift or grow every code follows at once, the
+  unused ones too. The running moments are an average over the last ~8 batches (each weighs 1/8): a batch of 64
+  crops of 14 photographs has a mean that depends on which photographs it drew, and a frame that followed each
+  batch alone would move every code by that difference of content, which is no drift of the encoder (in the same
+  replay, W = 200 with a frame that followed each batch fell to 715). The state stays in the data's coordinates;
+  eval mode leaves the frame where training left it.
 - Cosine codes (`cosine`): the rows arrive l2-normalised, and the codes are put back on the unit sphere after
   every EMA step, so the nearest code is the one of highest cosine similarity.
 - Dead codes: a code is dead when its EMA count falls under `dead_code_threshold` (rows per step). Dead codes are
@@ -55,13 +66,15 @@ from vqvae.sync import broadcast_from_rank0, sum_across_ranks, sum_moments_acros
 
 BACKENDS = ("auto", "triton", "torch")
 INITS = ("kmeans++", "random")
-WARMUP_STEPS = 10  # the warm-up's decay is (1 + t) / (WARMUP_STEPS + t)
 KMEANS_ROUNDS = 64
 # ema_steps of a state loaded without one (written before the warm-up existed): a codebook long past its warm-up.
 TRAINED = 2 ** 40
-# The frame's horizon, in rows: a batch of n rows weighs n / (n + MOMENT_ROWS) in the running moments. A batch
-# measures 2D numbers from n rows precisely, and a lagging frame is what leaves codes behind a growing cloud.
-MOMENT_ROWS = 256
+# The frame's horizon: each training batch weighs 1 / MOMENT_STEPS in the running moments; long enough to average
+# out which images a batch drew, short enough to follow the encoder (see the module docstring).
+MOMENT_STEPS = 8
+# The warm-up's floor: the EMA averages at least this many rows per code, so that a code's count, which decides
+# whether it is dead, is not one batch's draw (a decay of at least 1 - (rows per step / num_codes) / MEMORY_ROWS).
+MEMORY_ROWS = 16
 VARIANCE_FLOOR = 1e-12  # of a feature's running variance: a constant feature must not be divided by zero
 
 
@@ -89,16 +102,22 @@ class PendingStats:
 class EMACodebook(nn.Module):
     """K codes of dimension D (`code_dim`) that search and learn from rows [N, D]; see the module docstring."""
 
-    def __init__(self, num_codes: int, code_dim: int, *, decay: float, eps: float, ema_warmup: bool, init: str,
+    def __init__(self, num_codes: int, code_dim: int, *, decay: float, eps: float, ema_warmup: bool,
+                 ema_warmup_steps: int, init: str, kmeans_iters: int,
                  affine_reparam: bool, cosine: bool, dead_code_threshold: float, restart_count: float | None,
                  backend: str, precision: str, deterministic: bool):
         super().__init__()
         _check_codebook_config(num_codes, code_dim, decay, eps, init, dead_code_threshold, restart_count, backend,
                                precision)
+        if isinstance(ema_warmup_steps, bool) or not isinstance(ema_warmup_steps, int) or ema_warmup_steps < 1:
+            raise ValueError(f"ema_warmup_steps must be an int >= 1, got {ema_warmup_steps!r}")
+        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
         if affine_reparam and cosine:
             raise ValueError("affine_reparam and cosine exclude each other: cosine codes live on the unit sphere")
         self.num_codes, self.code_dim, self.decay, self.eps = num_codes, code_dim, decay, eps
-        self.ema_warmup, self.init, self.affine_reparam, self.cosine = ema_warmup, init, affine_reparam, cosine
+        self.ema_warmup, self.ema_warmup_steps = ema_warmup, ema_warmup_steps
+        self.init, self.kmeans_iters, self.affine_reparam, self.cosine = init, kmeans_iters, affine_reparam, cosine
         self.dead_code_threshold = dead_code_threshold
         self.restart_count, self.backend, self.precision = restart_count, backend, precision
         self.deterministic = deterministic
@@ -194,9 +213,9 @@ class EMACodebook(nn.Module):
         counts, sums, candidates, candidate_ok = sum_across_ranks(counts, sums, candidates, candidate_ok)
         state = (self.cluster_size, self.embed_sum, self.codebook)
         if self.use_triton(self.codebook):
-            kernels.ema_blend_op(*state, counts, sums, self.current_decay(), self.eps)
+            kernels.ema_blend_op(*state, counts, sums, self.current_decay(counts.sum()), self.eps)
         else:
-            reference.ema_blend_(*state, counts, sums, self.current_decay(), self.eps)
+            reference.ema_blend_(*state, counts, sums, self.current_decay(counts.sum()), self.eps)
         if self.cosine:  # the averaged codes back onto the sphere (a batch without rows changed nothing)
             self.codebook.copy_(torch.where(counts.sum() > 0, F.normalize(self.codebook, dim=1), self.codebook))
         self.ema_steps.add_((counts.sum() > 0).long())  # a batch without rows is no step: nothing changes
@@ -215,8 +234,8 @@ class EMACodebook(nn.Module):
     def follow_batch_(self, rows: torch.Tensor, usable: torch.Tensor | None) -> None:
         """Before a training batch is searched: blend its moments (over the `usable` rows, finite and not masked
         out) into the running ones, and move every code, and its EMA sum, by the change of frame
-        c -> mean' + std' / std * (c - mean). A batch of n rows weighs n / (n + MOMENT_ROWS), so a large batch
-        sets the frame almost alone (no lag behind a growing cloud) and small ones are averaged. A batch without
+        c -> mean' + std' / std * (c - mean). Each batch weighs 1 / MOMENT_STEPS, whatever its size (a batch's
+        content, not its row count, is what makes one batch's moments differ from the next's). A batch without
         rows changes nothing; the first one measured (after initialisation, or a state saved without moments)
         sets the moments and moves no code."""
         rows = rows.float()
@@ -224,7 +243,7 @@ class EMACodebook(nn.Module):
         usable = finite if usable is None else finite & usable
         n, row_sum, sq_sum = sum_moments_across_ranks(usable.sum().float(), torch.where(usable[:, None], rows, 0.0))
         measured = self.data_sq_mean.sum() > 0  # 0 marks moments never measured
-        weight = torch.where(measured, n / (n + MOMENT_ROWS), 1.0)
+        weight = torch.where(measured, 1.0 / MOMENT_STEPS, 1.0)
         active = n > 0
         old_mean, old_std = (t.clone() for t in self.moments())
         per_row = n.clamp(min=1.0)
@@ -240,13 +259,17 @@ class EMACodebook(nn.Module):
         self.embed_sum.copy_(torch.where(move, ratio * (self.embed_sum - count * old_mean) + count * mean,
                                          self.embed_sum))
 
-    def current_decay(self) -> torch.Tensor:
-        """The decay of the next EMA step, a 0-d fp32 device tensor (see the warm-up in the module docstring)."""
+    def current_decay(self, rows_in_step: torch.Tensor | None = None) -> torch.Tensor:
+        """The decay of the next EMA step, a 0-d fp32 device tensor (see the warm-up in the module docstring).
+        `rows_in_step` (a device scalar): the warm-up keeps at least MEMORY_ROWS rows per code in the average."""
         decay = torch.full((), self.decay, dtype=torch.float32, device=self.codebook.device)
         if not self.ema_warmup:
             return decay
         steps = self.ema_steps.float()
-        return torch.minimum(decay, (1.0 + steps) / (WARMUP_STEPS + steps))
+        warm = (1.0 + steps) / (self.ema_warmup_steps + steps)
+        if rows_in_step is not None:
+            warm = torch.maximum(warm, 1.0 - rows_in_step.float() / (self.num_codes * MEMORY_ROWS))
+        return torch.minimum(decay, warm)
 
     # -- dead codes -----------------------------------------------------------------------------------------
 
@@ -308,10 +331,32 @@ class EMACodebook(nn.Module):
             self.data_sq_mean.copy_(rows.square().mean(dim=0))
         self.codebook.copy_(codes)
         self.cluster_size.fill_(seed)
-        self.embed_sum.copy_(codes * seed)
+        if self.kmeans_iters > 0:  # counts measured: a code k-means left (nearly) empty starts dead
+            counts = self._lloyd_(rows) * world_size()
+            # Without restarts nothing would revive an empty code, and a zero count would pull it to the origin.
+            self.cluster_size.copy_(counts if self.dead_code_threshold > 0 else counts.clamp(min=seed))
+        self.embed_sum.copy_(self.codebook * self.cluster_size[:, None])
         broadcast_from_rank0(self.codebook, self.cluster_size, self.embed_sum, self.data_mean, self.data_sq_mean)
         self.initialized.fill_(True)
         self._initialized = True
+
+    def _lloyd_(self, rows: torch.Tensor) -> torch.Tensor:
+        """`kmeans_iters` Lloyd iterations of the codebook on `rows`: each code moves to the mean of the rows nearest
+        it; a code no row chose stays. Returns the codes' row counts in the last iteration. On CUDA it runs the
+        quantizer's own kernels; elsewhere the PyTorch reference (Triton's interpreter would take seconds a search
+        for a one-off step)."""
+        kernels_on_gpu = rows.is_cuda and self.use_triton(rows)
+        for _ in range(self.kmeans_iters):
+            if kernels_on_gpu:
+                counts, sums = self._stats(rows, self.nearest(rows))
+            else:
+                counts, sums = reference.code_stats(rows, reference.nearest_code(rows, self.codebook)[0],
+                                                    self.num_codes)
+            means = sums / counts.clamp(min=1.0)[:, None]
+            if self.cosine:
+                means = F.normalize(means, dim=1)
+            self.codebook.copy_(torch.where(counts[:, None] > 0, means, self.codebook))
+        return counts
 
     def _sync_initialized_flag(self) -> None:
         self._initialized = bool(self.initialized)

@@ -56,8 +56,10 @@ class QuantizerConfig:
     commitment_weight: float = 0.25
     backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU), "triton" or "torch"
     precision: str = "exact"  # "exact" or "fast"
-    ema_warmup: bool = True  # EMA decay min(decay, (1 + t) / (10 + t)) at step t: the codebook follows early drift
+    ema_warmup: bool = True  # EMA decay min(decay, (1 + t) / (W + t)) at step t: the codebook follows early drift
+    ema_warmup_steps: int = 200  # W of the warm-up: the codebook's memory grows by a step every W steps
     init: str = "random"  # codes seeded from the first batch as "random" rows or by "kmeans++"
+    kmeans_iters: int = 10  # Lloyd iterations on the first batch after the seeding
     affine_reparam: bool = True  # codes kept in the frame of the data's running moments: they follow its drift
     codebook_dim: int = 0  # search a learned projection to this many features; 0 = model.embedding_dim itself
     cosine: bool = False  # l2-normalised vectors and codes: nearest = most similar direction
@@ -130,13 +132,13 @@ CHOICES = {
 POSITIVE = (
     "data.image_size", "model.in_channels", "model.hidden_channels", "model.num_downsamples",
     "model.residual_hidden", "model.embedding_dim", "quantizer.num_codes", "quantizer.eps",
-    "quantizer.num_quantizers",
+    "quantizer.num_quantizers", "quantizer.ema_warmup_steps",
     "train.max_steps", "train.batch_size", "train.grad_accum", "train.usage_window", "train.eval_every",
     "train.ckpt_every", "train.keep_last",
 )
 NON_NEGATIVE = (
     "data.samples_per_epoch", "data.val_samples", "data.num_workers", "model.residual_layers",
-    "quantizer.commitment_weight", "quantizer.dead_code_threshold", "quantizer.codebook_dim", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
+    "quantizer.commitment_weight", "quantizer.dead_code_threshold", "quantizer.kmeans_iters", "quantizer.codebook_dim", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
     "optim.grad_clip", "train.eval_batches", "train.seed",
 )
 UNIT_INTERVAL = ("quantizer.decay", "optim.beta1", "optim.beta2")  # open interval (0, 1)

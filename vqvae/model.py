@@ -143,7 +143,8 @@ def quantizer_kwargs(cfg: Config) -> dict:
     q = cfg.quantizer
     return dict(num_codes=q.num_codes, dim=cfg.model.embedding_dim, decay=q.decay, eps=q.eps,
                 commitment_weight=q.commitment_weight, backend=q.backend, precision=q.precision,
-                ema_warmup=q.ema_warmup, init=q.init, affine_reparam=q.affine_reparam,
+                ema_warmup=q.ema_warmup, ema_warmup_steps=q.ema_warmup_steps, init=q.init,
+                kmeans_iters=q.kmeans_iters, affine_reparam=q.affine_reparam,
                 dead_code_threshold=q.dead_code_threshold,
                 codebook_dim=q.codebook_dim or None, cosine=q.cosine, deterministic=q.deterministic,
                 layout="channels_first")  # said, not guessed: a 16 x 16 grid of 16-d codes would be ambiguous

@@ -62,8 +62,9 @@ class _StraightThrough(torch.autograd.Function):
 class VectorQuantizerEMA(EMACodebook, HubMixin):
     """Quantize (B, dim, *spatial) or (..., dim) tensors against `num_codes` EMA codes.
 
-    The codebook options (see `vqvae.codebook`): `ema_warmup` (a decay that starts at 0.1 and reaches `decay`),
-    `init` ("random" rows of the first training batch, or "kmeans++"), `affine_reparam` (codes kept in the frame of
+    The codebook options (see `vqvae.codebook`): `ema_warmup` (a decay that starts near 0 and reaches `decay`;
+    `ema_warmup_steps` sets how slowly), `init` ("random" rows of the first training batch, or "kmeans++") and
+    `kmeans_iters` (Lloyd iterations on that batch after the seeding), `affine_reparam` (codes kept in the frame of
     the data's running moments, so they follow its shifts and growth; None = on unless `cosine`),
     `dead_code_threshold` (EMA count, in rows per step, under which a code is dead and re-seeded; 0 = off),
     `restart_count` (the EMA count a re-seeded code starts with; None = its share of a step's rows).
@@ -76,7 +77,8 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
 
     def __init__(self, num_codes: int = 4096, dim: int = 256, decay: float = 0.99, eps: float = 1e-5,
                  commitment_weight: float = 0.25, *, backend: str = "auto", precision: str = "exact",
-                 ema_warmup: bool = True, init: str = "random", affine_reparam: bool | None = None,
+                 ema_warmup: bool = True, ema_warmup_steps: int = 200, init: str = "random",
+                 kmeans_iters: int = 10, affine_reparam: bool | None = None,
                  dead_code_threshold: float = 1.0, restart_count: float | None = None,
                  codebook_dim: int | None = None, cosine: bool = False, deterministic: bool = False,
                  layout: str = "auto"):
@@ -88,7 +90,8 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
             raise ValueError(f"codebook_dim must be a positive int or None, got {codebook_dim!r}")
         if affine_reparam is None:  # on, except for cosine codes, whose frame is the unit sphere
             affine_reparam = not cosine
-        super().__init__(num_codes, codebook_dim or dim, decay=decay, eps=eps, ema_warmup=ema_warmup, init=init,
+        super().__init__(num_codes, codebook_dim or dim, decay=decay, eps=eps, ema_warmup=ema_warmup,
+                         ema_warmup_steps=ema_warmup_steps, init=init, kmeans_iters=kmeans_iters,
                          affine_reparam=affine_reparam, cosine=cosine, dead_code_threshold=dead_code_threshold,
                          restart_count=restart_count, backend=backend,
                          precision=precision, deterministic=deterministic)
@@ -102,7 +105,8 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
         return (f"num_codes={self.num_codes}, dim={self.dim}, codebook_dim={self.codebook_dim}, "
                 f"cosine={self.cosine}, decay={self.decay}, eps={self.eps}, "
                 f"commitment_weight={self.commitment_weight}, backend={self.backend!r}, "
-                f"precision={self.precision!r}, ema_warmup={self.ema_warmup}, init={self.init!r}, "
+                f"precision={self.precision!r}, ema_warmup={self.ema_warmup}, "
+                f"ema_warmup_steps={self.ema_warmup_steps}, init={self.init!r}, kmeans_iters={self.kmeans_iters}, "
                 f"affine_reparam={self.affine_reparam}, dead_code_threshold={self.dead_code_threshold}, "
                 f"restart_count={self.restart_count}, "
                 f"deterministic={self.deterministic}, layout={self.layout!r}")

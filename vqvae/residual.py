@@ -77,7 +77,7 @@ class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
     `shared_codebook`: one codebook for every layer (see the module docstring). `layer_dropout`: in training, use
     only the first q layers, q uniform in [min_layers, num_quantizers]. `layout`: how the input is read, as for
     `VectorQuantizerEMA`. Every other keyword argument goes to each layer's `VectorQuantizerEMA` (decay, eps,
-    commitment_weight, backend, precision, ema_warmup, init, affine_reparam, dead_code_threshold,
+    commitment_weight, backend, precision, ema_warmup, ema_warmup_steps, init, kmeans_iters, affine_reparam, dead_code_threshold,
     restart_count, codebook_dim, cosine, deterministic).
     """
 
