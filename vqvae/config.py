@@ -138,7 +138,8 @@ POSITIVE = (
 )
 NON_NEGATIVE = (
     "data.samples_per_epoch", "data.val_samples", "data.num_workers", "model.residual_layers",
-    "quantizer.commitment_weight", "quantizer.dead_code_threshold", "quantizer.kmeans_iters", "quantizer.codebook_dim", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
+    "quantizer.commitment_weight", "quantizer.dead_code_threshold", "quantizer.kmeans_iters", "quantizer.codebook_dim",
+    "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
     "optim.grad_clip", "train.eval_batches", "train.seed",
 )
 UNIT_INTERVAL = ("quantizer.decay", "optim.beta1", "optim.beta2")  # open interval (0, 1)
