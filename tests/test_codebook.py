@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels import reference
-from vqvae.codebook import kmeans_plus_plus
+from vqvae.codebook import draw_in_proportion, kmeans_plus_plus
 from vqvae.quantizer import VectorQuantizerEMA
 
 BACKENDS = ["torch", "triton"]
@@ -127,6 +127,44 @@ def test_the_warmup_keeps_sixteen_rows_per_code_in_the_average_at_small_batches(
     assert abs(quantizer.current_decay(rows(10 ** 6)).item() - 0.005) < 1e-6  # many rows: the warm-up's own
     quantizer.ema_steps.fill_(10 ** 5)
     assert abs(quantizer.current_decay(rows(1)).item() - 0.99) < 1e-6  # never above `decay`
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dead_codes_are_reseeded_where_the_most_used_codes_are(backend, device):
+    """One code takes 960 rows of a wide cluster; 64 codes take one row each of another. A re-seed drawn from
+    rows uniformly would land in the second cluster one time in 16 (~28 of the 447 dead codes); drawn in proportion
+    to the count of the row's code, ~0.03 of them do: the new codes split the code that is overused."""
+    num_codes, dim = 512, 4
+    heavy = 3.0 * torch.randn(960, dim, device=device)
+    light_centre = torch.full((dim,), 100.0, device=device)
+    light = light_centre + torch.randn(64, dim, device=device)
+    rows = torch.cat([heavy, light])
+    quantizer = VectorQuantizerEMA(num_codes, dim, backend=backend, dead_code_threshold=1.0,
+                                   affine_reparam=False).to(device)
+    quantizer(rows)  # initialises; the state is then set by hand
+    with torch.no_grad():
+        # the dead codes: far from every row (not so far that the search's fp32 rounding blurs the light rows)
+        quantizer.codebook.copy_(-100.0 + torch.randn(num_codes, dim, device=device))
+        quantizer.codebook[0] = heavy.mean(dim=0)
+        quantizer.codebook[1:65] = light
+        quantizer.cluster_size.fill_(0.01)
+        quantizer.cluster_size[0], quantizer.cluster_size[1:65] = 960.0, 2.0
+        quantizer.embed_sum.copy_(quantizer.codebook * quantizer.cluster_size[:, None])
+    out = quantizer(rows)
+    assert out.dead_codes.item() == num_codes - 65
+    reseeded = quantizer.codebook[65:]
+    assert (reseeded[:, None] == rows[None]).all(dim=-1).any(dim=1).all(), "re-seeded codes lie on batch rows"
+    in_light = ((reseeded - light_centre).norm(dim=1) < 10.0).sum().item()
+    assert in_light <= 2, f"{in_light} of {num_codes - 65} re-seeds landed among the rarely used codes"
+
+
+def test_draws_in_proportion_never_pick_a_weightless_row(device):
+    weights = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0], device=device)
+    picks = draw_in_proportion(weights, 40000)
+    share = torch.bincount(picks, minlength=5).float() / 40000
+    assert share[[0, 2, 4]].sum().item() == 0.0
+    assert abs(share[3].item() - 0.75) < 0.02, share
+    assert draw_in_proportion(torch.zeros(7, device=device), 3).tolist() == [6, 6, 6]  # nothing to draw from
 
 
 def test_kmeans_plus_plus_in_rounds_never_picks_a_row_twice(device):

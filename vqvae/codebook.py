@@ -40,10 +40,14 @@ Rules:
 - Cosine codes (`cosine`): the rows arrive l2-normalised, and the codes are put back on the unit sphere after
   every EMA step, so the nearest code is the one of highest cosine similarity.
 - Dead codes: a code is dead when its EMA count falls under `dead_code_threshold` (rows per step). Dead codes are
-  re-seeded from random rows of the batch, with the seed count (or `restart_count`), on the device, with no host
-  synchronisation. Random rows follow the data's density, so restarts move codes from where the data is sparse to
-  where it is dense, which evens out the usage. The shipped configs use a quarter of the codes' fair share (rows per
-  step / K); at the seed configuration 6 and 8 (of a fair share of 16) gave the same mean perplexity over steps
+  re-seeded from rows of the batch, with the seed count (or `restart_count`), on the device, with no host
+  synchronisation. A row is drawn with probability proportional to the batch count of its code, so a code's region
+  receives new codes in proportion to its count squared: restarts split the most used codes, which evens out the
+  usage faster than rows drawn uniformly (those follow the data's density, a region's share in proportion to its
+  count). At the seed configuration (bench/RESULTS.md) the lowest perplexity of 600 steps rose from 1445 to 1553
+  and the validation perplexity from 1142 to 1182; at batch 16 the first steps read 5-20% more. The shipped
+  configs use a quarter of the codes' fair share (rows per step / K); at the seed configuration 6 and 8 (of a fair
+  share of 16) gave the same mean perplexity over steps
   2-36 (7-8% more over steps 30-36) for 2-3.7 times the re-seeds (bench/RESULTS.md).
 - Several processes (torch.distributed initialised): the statistics and re-seed candidates of every step are
   summed over the ranks first (`vqvae.sync`), and the initialisation is broadcast from rank 0, so every rank keeps
@@ -176,7 +180,7 @@ class EMACodebook(nn.Module):
         now or, inside accumulate(), when the block ends. Returns the batch's per-code counts and the codes found
         dead (before their re-seeding)."""
         counts, sums = self._stats(rows, indices)
-        candidates, candidate_ok = self._reseed_candidates(rows, learn)
+        candidates, candidate_ok = self._reseed_candidates(rows, learn, indices, counts)
         if self._pending is not None:
             self._pending.add(counts, sums, candidates, candidate_ok)
             return counts, self.dead_codes()
@@ -277,12 +281,17 @@ class EMACodebook(nn.Module):
         """Bool [K]: codes whose EMA count is under the threshold."""
         return self.cluster_size < self.dead_code_threshold
 
-    def _reseed_candidates(self, rows: torch.Tensor, learn: torch.Tensor):
-        """One random row of the batch per code, and whether it may seed a code (finite and not masked out);
-        (None, None) when re-seeding is off."""
+    def _reseed_candidates(self, rows: torch.Tensor, learn: torch.Tensor, indices: torch.Tensor,
+                           counts: torch.Tensor):
+        """One row of the batch per code, drawn with probability proportional to the batch count of the row's code,
+        and whether it may seed a code (finite and not masked out); (None, None) when re-seeding is off."""
         if not self.restarts_enabled:
             return None, None
-        picks = torch.randint(rows.shape[0], (self.num_codes,), device=rows.device)
+        # A row's weight is its code's count, so a code's rows are drawn in proportion to its count squared: the
+        # new codes land in the most used codes' regions and split them (rows drawn uniformly would follow the
+        # data's density, which places them in proportion to the count; bench/RESULTS.md measures both).
+        weights = torch.where(learn, counts[indices.clamp(min=0)], 0.0)
+        picks = draw_in_proportion(weights, self.num_codes)
         return rows[picks].float(), learn[picks]
 
     def _restart_dead_codes(self, dead, candidates, candidate_ok, rows_in_step: torch.Tensor) -> None:
@@ -370,6 +379,15 @@ class EMACodebook(nn.Module):
             state_dict[prefix + "data_mean"] = torch.zeros(self.code_dim)
             state_dict[prefix + "data_sq_mean"] = torch.zeros(self.code_dim)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def draw_in_proportion(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """k indices drawn with replacement, each with probability weights[i] / weights.sum(), on the device and with
+    no host read. (torch.multinomial takes at most 2**24 categories; a batch of rows may hold more.) With no
+    positive weight, every draw is the last index."""
+    cdf = weights.float().cumsum(dim=0)
+    target = torch.rand(k, device=weights.device) * cdf[-1]
+    return torch.searchsorted(cdf, target, right=True).clamp(max=weights.shape[0] - 1)
 
 
 def random_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
