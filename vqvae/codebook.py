@@ -45,10 +45,10 @@ Rules:
   receives new codes in proportion to its count squared: restarts split the most used codes, which evens out the
   usage faster than rows drawn uniformly (those follow the data's density, a region's share in proportion to its
   count). At the seed configuration (bench/RESULTS.md) the lowest perplexity of 600 steps rose from 1445 to 1553
-  and the validation perplexity from 1142 to 1182; at batch 16 the first steps read 5-20% more. The shipped
+  and the validation perplexity from 1142 to 1182; at batch 16, steps 5 and 10 read 7-15% more. The shipped
   configs use a quarter of the codes' fair share (rows per step / K); at the seed configuration 6 and 8 (of a fair
-  share of 16) gave the same mean perplexity over steps
-  2-36 (7-8% more over steps 30-36) for 2-3.7 times the re-seeds (bench/RESULTS.md).
+  share of 16) gave the same mean perplexity over steps 2-36 (7-8% more over steps 30-36) for 2-3.7 times the
+  re-seeds (bench/RESULTS.md).
 - Several processes (torch.distributed initialised): the statistics and re-seed candidates of every step are
   summed over the ranks first (`vqvae.sync`), and the initialisation is broadcast from rank 0, so every rank keeps
   the same codebook.
