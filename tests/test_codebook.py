@@ -118,6 +118,22 @@ def test_kmeans_iterations_put_each_code_on_its_clusters_mean_with_its_count(dev
             VectorQuantizerEMA(8, 6, kmeans_iters=bad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kmeans_moves_the_codes_it_would_leave_dead_into_the_most_used_ones(backend, device):
+    """Half of 16 seeds far from every row: Lloyd iterations alone never give them a row, and the first step would
+    find them dead. Moved, between iterations, onto rows drawn in proportion to their code's count, they end inside
+    the data and split its codes: every code holds at least the threshold's rows."""
+    rows = 3.0 * torch.randn(960, 4, device=device)
+    quantizer = VectorQuantizerEMA(16, 4, backend=backend, dead_code_threshold=2.0).to(device)
+    far = 1000.0 * torch.cat([torch.eye(4, device=device), -torch.eye(4, device=device)])
+    with torch.no_grad():
+        quantizer.codebook.copy_(torch.cat([rows[:8], far]))
+        counts = quantizer._lloyd_(rows)
+    assert (counts >= 2.0).all(), counts
+    assert counts.sum().item() == rows.shape[0]
+    assert (quantizer.codebook.norm(dim=1) < 20.0).all(), "a code stayed away from the data"
+
+
 def test_the_warmup_keeps_sixteen_rows_per_code_in_the_average_at_small_batches(device):
     """With few rows a step, a warm-up decay near 0 would make a code's count one batch's draw (and every code
     that drew under the threshold dead): the decay is raised to 1 - rows / (K * 16)."""
