@@ -357,8 +357,8 @@ class EMACodebook(nn.Module):
         moves instead onto a row drawn as the restarts draw theirs, in proportion to its code's count, so the next
         iteration splits the most used codes (the usual repair of empty clusters; at batch 16 the codes found dead
         at step 1 fall from ~1100 to ~390 and steps 1-12 read up to 14% more, bench/RESULTS.md). The last
-        iteration moves none, so the counts it returns are measured. On CUDA it runs the quantizer's own kernels; elsewhere the
-        PyTorch reference (Triton's interpreter would take seconds a search for a one-off step)."""
+        iteration moves none, so the counts it returns are measured. On CUDA it runs the quantizer's own kernels;
+        elsewhere the PyTorch reference (Triton's interpreter would take seconds a search for a one-off step)."""
         kernels_on_gpu = rows.is_cuda and self.use_triton(rows)
         too_few = max(self.dead_code_threshold, 1.0)  # rows a step, all ranks together
         for iteration in range(self.kmeans_iters):
