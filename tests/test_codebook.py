@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels import reference
-from vqvae.codebook import draw_in_proportion, kmeans_plus_plus
+from vqvae.codebook import INIT_STEPS, MOMENT_ROWS, MOMENT_STEPS, draw_in_proportion, kmeans_plus_plus
 from vqvae.quantizer import VectorQuantizerEMA
 
 BACKENDS = ["torch", "triton"]
@@ -99,7 +99,9 @@ def test_kmeans_iterations_put_each_code_on_its_clusters_mean_with_its_count(dev
     cluster's mean and give it the cluster's size as its count; without them the codes stay on single rows."""
     centres = _clusters(8, 6, 50.0, device)
     sizes = [100, 60, 37, 23, 13, 9, 5, 3]
-    rows = torch.cat([centres[i] + 0.5 * torch.randn(n, 6, device=device) for i, n in enumerate(sizes)])
+    # Tight clusters: at a spread of 0.5, k-means++ put two seeds in one cluster in ~6% of draws (the D^2 weight of
+    # 250 rows' spread against one small cluster far away), and no Lloyd iteration moves a seed across clusters.
+    rows = torch.cat([centres[i] + 0.05 * torch.randn(n, 6, device=device) for i, n in enumerate(sizes)])
     means = torch.stack([part.mean(dim=0) for part in rows.split(sizes)])
     for iters in (10, 0):
         quantizer = VectorQuantizerEMA(8, 6, backend="torch", init="kmeans++", kmeans_iters=iters).to(device)
@@ -109,10 +111,12 @@ def test_kmeans_iterations_put_each_code_on_its_clusters_mean_with_its_count(dev
         gap = (quantizer.codebook - means[cluster]).norm(dim=1).max().item()
         if iters:
             assert gap < 1e-4, gap
-            assert quantizer.cluster_size.tolist() == [float(sizes[c]) for c in cluster.tolist()]
+            assert quantizer.recent_count.tolist() == [float(sizes[c]) for c in cluster.tolist()]
+            # the warm-up's EMA takes the fit as INIT_STEPS steps of its rows
+            torch.testing.assert_close(quantizer.cluster_size, quantizer.recent_count * INIT_STEPS)
             torch.testing.assert_close(quantizer.embed_sum, quantizer.codebook * quantizer.cluster_size[:, None])
         else:
-            assert gap > 0.1, gap  # a single row sits ~0.5 * sqrt(6) from its cluster's mean
+            assert gap > 0.05, gap  # a single row sits ~0.05 * sqrt(6) from its cluster's mean
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="kmeans_iters must be an int >= 0"):
             VectorQuantizerEMA(8, 6, kmeans_iters=bad)
@@ -165,6 +169,7 @@ def test_dead_codes_are_reseeded_where_the_most_used_codes_are(backend, device):
         quantizer.codebook[1:65] = light
         quantizer.cluster_size.fill_(0.01)
         quantizer.cluster_size[0], quantizer.cluster_size[1:65] = 960.0, 2.0
+        quantizer.recent_count.copy_(quantizer.cluster_size)
         quantizer.embed_sum.copy_(quantizer.codebook * quantizer.cluster_size[:, None])
     out = quantizer(rows)
     assert out.dead_codes.item() == num_codes - 65
@@ -246,6 +251,7 @@ def test_the_frame_averages_over_batches_instead_of_chasing_each_ones_content(de
     error, default = {}, codebook.MOMENT_STEPS
     for moment_steps in (default, 1):
         monkeypatch.setattr(codebook, "MOMENT_STEPS", moment_steps)
+        monkeypatch.setattr(codebook, "MOMENT_ROWS", 1 if moment_steps == 1 else codebook.MOMENT_ROWS)
         ratios = []
         for _ in range(3):
             centres = torch.randn(16, 8, device=device) * 4
@@ -257,6 +263,51 @@ def test_the_frame_averages_over_batches_instead_of_chasing_each_ones_content(de
             ratios += [loss / 0.25 / 0.09 for loss in losses[5:]]
         error[moment_steps] = sum(ratios) / len(ratios)
     assert error[default] < 10 < error[1], error
+
+
+def test_a_batch_weighs_in_the_frame_by_its_rows_up_to_one_in_moment_steps(device):
+    """The frame's moments average over at least MOMENT_ROWS rows a code: a batch of few rows (a few images'
+    crops, whose mean says more about the images drawn) weighs in proportion to its rows; a large one 1/8."""
+    num_codes = 64
+    for rows, weight in ((256, 256 / (num_codes * MOMENT_ROWS)), (4096, 1 / MOMENT_STEPS)):
+        quantizer = VectorQuantizerEMA(num_codes, 4, backend="torch", affine_reparam=True).to(device)
+        first = torch.randn(512, 4, device=device)
+        quantizer(first)  # initialises: the moments are the first batch's
+        batch = 3.0 + torch.randn(rows, 4, device=device)
+        quantizer(batch)
+        expected = (1 - weight) * first.mean(dim=0) + weight * batch.mean(dim=0)
+        torch.testing.assert_close(quantizer.data_mean, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_at_a_small_batch_the_first_fit_holds_its_place_and_unused_codes_die_as_soon(backend, device):
+    """4 rows a code, so the warm-up's decay is floored at 0.75: the k-means fit enters the EMA as INIT_STEPS steps
+    of its rows, so a code whose 8 rows of the next batch sit 0.5 off its fit moves 1/25 of the way (2/5 without
+    that weight: a small batch would drag the fit to its own draw of content). The count that decides deadness starts
+    from the fit's own counts: codes that the next batches leave unused are dead at the fourth step
+    (4 * 0.75^3 < 2), as they would be without it."""
+    num_codes, dim = 64, 6
+    centres = _clusters(num_codes, dim, 50.0, device)
+    quantizer = VectorQuantizerEMA(num_codes, dim, backend=backend, init="kmeans++", affine_reparam=False,
+                                   dead_code_threshold=2.0).to(device)
+    quantizer.initialise_(_around(centres, 4, 0.1, device))
+    assert quantizer.recent_count.tolist() == [4.0] * num_codes  # a code on each cluster
+    torch.testing.assert_close(quantizer.cluster_size, torch.full_like(quantizer.cluster_size, 4.0 * INIT_STEPS))
+    decay = quantizer.current_decay(torch.tensor(4.0 * num_codes, device=device)).item()
+    assert abs(decay - 0.75) < 1e-6
+    fit, used = quantizer.codebook.clone(), torch.arange(num_codes // 2, device=device)
+    shift = torch.full((dim,), 0.5, device=device)
+    dead = []
+    for _ in range(3):
+        out = quantizer((fit[used] + shift).repeat_interleave(8, dim=0))  # 8 rows each: 4 a code of the batch
+        dead.append(out.dead_codes.item())
+        if len(dead) == 1:
+            moved = (quantizer.codebook[used] - fit[used]) / shift
+            share = (1 - decay) * 8 / (decay * 4 * INIT_STEPS + (1 - decay) * 8)
+            torch.testing.assert_close(moved, torch.full_like(moved, share), rtol=1e-3, atol=2e-4)
+            still = quantizer.codebook[num_codes // 2:]
+            torch.testing.assert_close(still, fit[num_codes // 2:], rtol=1e-5, atol=1e-4)
+    assert dead == [0, 0, num_codes // 2], dead
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

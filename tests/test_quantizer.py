@@ -157,7 +157,8 @@ def test_dead_codes_are_reseeded_from_the_batch(backend, device):
     quantizer = VectorQuantizerEMA(8, 4, backend=backend, dead_code_threshold=1.0).to(device)
     x = torch.randn(64, 4, device=device)
     quantizer(x)
-    quantizer.cluster_size[[2, 5]] = 0.01  # two codes long unused
+    quantizer.recent_count[[2, 5]] = 0.01  # two codes long unused
+    quantizer.cluster_size[[2, 5]] = 0.01
     quantizer.codebook[[2, 5]] = 1e3  # and far from everything, so the batch cannot revive them
     out = quantizer(x)
     assert out.dead_codes.item() == 2

@@ -102,7 +102,8 @@ def test_one_quantizer_is_the_model_of_before():
     model = build_model(cfg)
     assert type(model.quantizer) is VectorQuantizerEMA
     assert {k for k in model.state_dict() if k.startswith("quantizer.")} == {
-        "quantizer.codebook", "quantizer.cluster_size", "quantizer.embed_sum", "quantizer.initialized",
+        "quantizer.codebook", "quantizer.cluster_size", "quantizer.embed_sum", "quantizer.recent_count",
+        "quantizer.initialized",
         "quantizer.ema_steps", "quantizer.data_mean", "quantizer.data_sq_mean"}
     cfg.quantizer.num_quantizers = 3
     residual = build_model(cfg).quantizer

@@ -2,7 +2,9 @@
 
 State (buffers, so they follow `.to()` and the state dict):
   codebook [K, D]    the codes
-  cluster_size [K]   EMA of the rows each code receives per step
+  cluster_size [K]   EMA of the rows each code receives per step (with `ema_warmup`, starting from the k-means
+                     counts times INIT_STEPS)
+  recent_count [K]   the same EMA started from the k-means counts themselves: what decides that a code is dead
   embed_sum [K, D]   EMA of the sum of those rows; codebook = embed_sum / (Laplace-smoothed cluster_size)
   initialized        whether the first training batch has seeded the codes
   ema_steps          EMA steps taken since then: the warm-up's clock
@@ -17,7 +19,12 @@ Rules:
   instead of the first step finding it dead). The EMA state starts as if each code had already averaged its rows
   of the last Lloyd iteration (with `kmeans_iters=0`: `seed` copies of itself, `seed` = its share of the rows of
   one step), so the first steps move codes towards their data rather than shrinking them towards zero, and a code
-  that k-means still left (nearly) empty is re-seeded at the first step.
+  that k-means still left (nearly) empty is re-seeded at the first step. With `ema_warmup`, the fit enters the EMA
+  as INIT_STEPS (16) steps of those rows: where the warm-up's decay is floored (small batches, see below: at batch
+  16 of the seed configuration, 4 rows a code and a decay of 0.75) the codes then hold the fit for the first ~10
+  steps instead of following each small batch's draw of images, while `recent_count`, which decides deadness,
+  starts from the fit's own counts, so an unused code dies as soon as without the weight. Where the decay is not
+  floored (batch 64: 0.005 at the first step) the weight is gone after one step.
 - The EMA step: Sonnet's VectorQuantizerEMA maths (`kernels.reference.ema_blend_`). With `ema_warmup`, step t
   (from 0) uses the decay min(decay, (1 + t) / (W + t)), W = `ema_warmup_steps` (200): the codebook averages over
   about 1 + t / W steps, so it starts as a k-means step on each batch and lengthens its memory as training settles
@@ -34,15 +41,18 @@ Rules:
   estimator"): the codes are kept in the frame of the data's running per-feature mean and standard deviation.
   Before each training batch is searched the frame follows its moments and every code moves with it,
   c -> mean' + std' / std * (c - mean), so when the encoder's outputs shift or grow every code follows at once, the
-  unused ones too. The running moments are an average over the last ~8 batches (each weighs 1/8): a batch of 64
-  crops of 14 photographs has a mean that depends on which photographs it drew, and a frame that followed each
-  batch alone would move every code by that difference of content, which is no drift of the encoder (in the same
-  replay, W = 200 with a frame that followed each batch fell to 715). The state stays in the data's coordinates;
+  unused ones too. The running moments are an average over the last ~8 batches (each weighs 1/8) and over at least
+  MOMENT_ROWS (128) rows a code (a batch of fewer rows weighs its share: 1/32 at batch 16 of the seed
+  configuration): a batch of 64 crops of 14 photographs has a mean that depends on which photographs it drew, the
+  more so the fewer it drew, and a frame that followed each batch alone would move every code by that difference
+  of content, which is no drift of the encoder (in the same replay, W = 200 with a frame that followed each batch
+  fell to 715). The state stays in the data's coordinates;
   eval mode leaves the frame where training left it.
 - Cosine codes (`cosine`): the rows arrive l2-normalised, and the codes are put back on the unit sphere after
   every EMA step, so the nearest code is the one of highest cosine similarity.
-- Dead codes: a code is dead when its EMA count falls under `dead_code_threshold` (rows per step). Dead codes are
-  re-seeded from rows of the batch, with the seed count (or `restart_count`), on the device, with no host
+- Dead codes: a code is dead when its recent count (`recent_count`: the EMA of its rows per step, at the
+  codebook's decay but without the fit's initial weight) falls under `dead_code_threshold` (rows per step). Dead
+  codes are re-seeded from rows of the batch, with the seed count (or `restart_count`), on the device, with no host
   synchronisation. A row is drawn with probability proportional to the batch count of its code, so a code's region
   receives new codes in proportion to its count squared: restarts split the most used codes, which evens out the
   usage faster than rows drawn uniformly (those follow the data's density, a region's share in proportion to its
@@ -75,9 +85,13 @@ INITS = ("kmeans++", "random")
 KMEANS_ROUNDS = 64
 # ema_steps of a state loaded without one (written before the warm-up existed): a codebook long past its warm-up.
 TRAINED = 2 ** 40
-# The frame's horizon: each training batch weighs 1 / MOMENT_STEPS in the running moments; long enough to average
-# out which images a batch drew, short enough to follow the encoder (see the module docstring).
+# The frame's horizon: each training batch weighs at most 1 / MOMENT_STEPS in the running moments, and at most its
+# rows / (num_codes * MOMENT_ROWS): long enough to average out which images a batch drew (a small batch draws
+# fewer), short enough to follow the encoder (see the module docstring).
 MOMENT_STEPS = 8
+MOMENT_ROWS = 128
+# With the warm-up, the first batch's fit enters the EMA as this many steps of its rows (see the module docstring).
+INIT_STEPS = 16
 # The warm-up's floor: the EMA averages at least this many rows per code, so that a code's count, which decides
 # whether it is dead, is not one batch's draw (a decay of at least 1 - (rows per step / num_codes) / MEMORY_ROWS).
 MEMORY_ROWS = 16
@@ -131,6 +145,7 @@ class EMACodebook(nn.Module):
         self.register_buffer("codebook", torch.randn(num_codes, code_dim))
         self.register_buffer("cluster_size", torch.zeros(num_codes))
         self.register_buffer("embed_sum", torch.zeros(num_codes, code_dim))
+        self.register_buffer("recent_count", torch.zeros(num_codes))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("ema_steps", torch.tensor(0, dtype=torch.int64))
         # Measured only with affine_reparam; a second moment of 0 marks moments never measured.
@@ -218,15 +233,19 @@ class EMACodebook(nn.Module):
         Returns the dead-code mask found before re-seeding."""
         counts, sums, candidates, candidate_ok = sum_across_ranks(counts, sums, candidates, candidate_ok)
         state = (self.cluster_size, self.embed_sum, self.codebook)
+        rows_in_step = counts.sum()
+        decay = self.current_decay(rows_in_step)
         if self.use_triton(self.codebook):
-            kernels.ema_blend_op(*state, counts, sums, self.current_decay(counts.sum()), self.eps)
+            kernels.ema_blend_op(*state, counts, sums, decay, self.eps)
         else:
-            reference.ema_blend_(*state, counts, sums, self.current_decay(counts.sum()), self.eps)
+            reference.ema_blend_(*state, counts, sums, decay, self.eps)
+        self.recent_count.copy_(torch.where(rows_in_step > 0, decay * self.recent_count + (1.0 - decay) * counts,
+                                            self.recent_count))
         if self.cosine:  # the averaged codes back onto the sphere (a batch without rows changed nothing)
             self.codebook.copy_(torch.where(counts.sum() > 0, F.normalize(self.codebook, dim=1), self.codebook))
-        self.ema_steps.add_((counts.sum() > 0).long())  # a batch without rows is no step: nothing changes
+        self.ema_steps.add_((rows_in_step > 0).long())  # a batch without rows is no step: nothing changes
         dead = self.dead_codes()
-        self._restart_dead_codes(dead, candidates, candidate_ok, counts.sum())
+        self._restart_dead_codes(dead, candidates, candidate_ok, rows_in_step)
         return dead
 
     # -- the moving frame (affine_reparam) ------------------------------------------------------------------
@@ -240,16 +259,17 @@ class EMACodebook(nn.Module):
     def follow_batch_(self, rows: torch.Tensor, usable: torch.Tensor | None) -> None:
         """Before a training batch is searched: blend its moments (over the `usable` rows, finite and not masked
         out) into the running ones, and move every code, and its EMA sum, by the change of frame
-        c -> mean' + std' / std * (c - mean). Each batch weighs 1 / MOMENT_STEPS, whatever its size (a batch's
-        content, not its row count, is what makes one batch's moments differ from the next's). A batch without
-        rows changes nothing; the first one measured (after initialisation, or a state saved without moments)
-        sets the moments and moves no code."""
+        c -> mean' + std' / std * (c - mean). A batch weighs 1 / MOMENT_STEPS, or less when it holds fewer than
+        num_codes * MOMENT_ROWS / MOMENT_STEPS rows (its share of num_codes * MOMENT_ROWS): it is the content a
+        batch drew that makes its moments differ from the next one's, and a smaller batch draws fewer images. A
+        batch without rows changes nothing; the first one measured (after initialisation, or a state saved without
+        moments) sets the moments and moves no code."""
         rows = rows.float()
         finite = torch.isfinite(rows).all(dim=1)
         usable = finite if usable is None else finite & usable
         n, row_sum, sq_sum = sum_moments_across_ranks(usable.sum().float(), torch.where(usable[:, None], rows, 0.0))
         measured = self.data_sq_mean.sum() > 0  # 0 marks moments never measured
-        weight = torch.where(measured, 1.0 / MOMENT_STEPS, 1.0)
+        weight = torch.where(measured, (n / (self.num_codes * MOMENT_ROWS)).clamp(max=1.0 / MOMENT_STEPS), 1.0)
         active = n > 0
         old_mean, old_std = (t.clone() for t in self.moments())
         per_row = n.clamp(min=1.0)
@@ -280,8 +300,8 @@ class EMACodebook(nn.Module):
     # -- dead codes -----------------------------------------------------------------------------------------
 
     def dead_codes(self) -> torch.Tensor:
-        """Bool [K]: codes whose EMA count is under the threshold."""
-        return self.cluster_size < self.dead_code_threshold
+        """Bool [K]: codes whose recent EMA count is under the threshold."""
+        return self.recent_count < self.dead_code_threshold
 
     def _reseed_candidates(self, rows: torch.Tensor, learn: torch.Tensor, indices: torch.Tensor,
                            counts: torch.Tensor):
@@ -305,6 +325,7 @@ class EMACodebook(nn.Module):
         self.codebook.copy_(torch.where(reseed[:, None], candidates, self.codebook))
         self.embed_sum.copy_(torch.where(reseed[:, None], candidates * seed, self.embed_sum))
         self.cluster_size.copy_(torch.where(reseed, seed, self.cluster_size))
+        self.recent_count.copy_(torch.where(reseed, seed, self.recent_count))
 
     def _restart_seed(self, rows_in_step: torch.Tensor) -> torch.Tensor:
         if self.restart_count is not None:
@@ -324,7 +345,8 @@ class EMACodebook(nn.Module):
     @torch.no_grad()
     def initialise_(self, rows: torch.Tensor) -> None:
         """Seed the codes from rows of the first training batch (see `init`), and the EMA state as if each code had
-        already averaged `seed` copies of itself: a step whose inputs sit on their codes leaves the codebook as is."""
+        already averaged `seed` copies of itself (its k-means rows; with the warm-up, over INIT_STEPS steps): a step
+        whose inputs sit on their codes leaves the codebook as is."""
         # A one-off host read: seeding the codebook from NaN would corrupt it for good.
         if rows.shape[0] == 0 or not bool(torch.isfinite(rows).all()):
             raise ValueError("the first training batch holds NaN or inf (or masks out every position); "
@@ -346,8 +368,12 @@ class EMACodebook(nn.Module):
             counts = self._lloyd_(rows) * world_size()
             # Without restarts nothing would revive an empty code, and a zero count would pull it to the origin.
             self.cluster_size.copy_(counts if self.dead_code_threshold > 0 else counts.clamp(min=seed))
+        self.recent_count.copy_(self.cluster_size)
+        if self.ema_warmup:
+            self.cluster_size.mul_(INIT_STEPS)
         self.embed_sum.copy_(self.codebook * self.cluster_size[:, None])
-        broadcast_from_rank0(self.codebook, self.cluster_size, self.embed_sum, self.data_mean, self.data_sq_mean)
+        broadcast_from_rank0(self.codebook, self.cluster_size, self.embed_sum, self.recent_count, self.data_mean,
+                             self.data_sq_mean)
         self.initialized.fill_(True)
         self._initialized = True
 
@@ -386,6 +412,8 @@ class EMACodebook(nn.Module):
         # package) is a trained codebook: past its warm-up.
         if prefix + "codebook" in state_dict and prefix + "ema_steps" not in state_dict:
             state_dict[prefix + "ema_steps"] = torch.tensor(TRAINED)
+        if prefix + "cluster_size" in state_dict and prefix + "recent_count" not in state_dict:  # one count then
+            state_dict[prefix + "recent_count"] = state_dict[prefix + "cluster_size"].clone()
         if prefix + "codebook" in state_dict and prefix + "data_mean" not in state_dict:  # moments not measured yet
             state_dict[prefix + "data_mean"] = torch.zeros(self.code_dim)
             state_dict[prefix + "data_sq_mean"] = torch.zeros(self.code_dim)

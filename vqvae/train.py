@@ -243,10 +243,11 @@ def usage_codes(indices: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 
 def ema_counts(quantizer) -> torch.Tensor:
-    """Every code's EMA count, for the usage chart: residual layers' codebooks one after another."""
+    """Every code's recent EMA count (what the dead threshold is read against), for the usage chart: residual
+    layers' codebooks one after another."""
     if isinstance(quantizer, ResidualVectorQuantizerEMA):
-        return torch.cat([layer.cluster_size for layer in quantizer.layers])
-    return quantizer.cluster_size
+        return torch.cat([layer.recent_count for layer in quantizer.layers])
+    return quantizer.recent_count
 
 
 class CodeUsage:
