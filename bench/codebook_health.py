@@ -13,6 +13,7 @@ compared together.
 
     python -m bench.codebook_health --steps 600 --batch-size 64 --variants ours --out runs/health_b64
     python -m bench.codebook_health --steps 150 --batch-size 16 --variants ours,legacy,vqp-recommended,vqp-plain
+    python -m bench.codebook_health --steps 40 --batch-size 16 --variants ours,vqp-recommended --draw-seeds 11,12,13
     python -m bench.codebook_health --list                  # the variants
     python -m bench.codebook_health --plot-only --out runs/health_b16
 
@@ -21,6 +22,11 @@ codebook-health fix off (the quantizer as it was before them); `ours-no-<fix>` s
 vector-quantize-pytorch's `VectorQuantize` into the same model, with its recommended EMA settings
 (`kmeans_init=True, threshold_ema_dead_code=2`, decay 0.99, commitment 0.25) or its plain defaults. That package is
 several times slower on the CPU, so compare the peers at a small batch (16) and say which.
+
+`--draw-seeds` repeats each variant with the random draws of the quantizer (its seeds, k-means's relocations, the
+re-seeded codes) seeded anew after the model is built, so the model, data and optimizer stay the same; the runs are
+written as `<variant>@<seed>.csv`, and the table and plot add their step-by-step mean as `<variant> (mean of n)`.
+The table ends with the steps at which `ours` (or its mean) reads less than each peer (`vqp-*`).
 """
 
 from __future__ import annotations
@@ -140,13 +146,17 @@ def seed_config(batch_size: int | None, num_workers: int, overrides: list[str], 
     return load_config(path, ["data.source=builtin", f"data.num_workers={num_workers}", *batch, *overrides])
 
 
-def run_variant(name: str, cfg: Config, steps: int, out_dir: Path, log_every: int) -> dict:
+def run_variant(name: str, cfg: Config, steps: int, out_dir: Path, log_every: int, draw_seed: int | None = None
+                ) -> dict:
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)  # the same initial weights for every variant
     torch.manual_seed(cfg.train.seed + 1)
     model.quantizer = VARIANTS[name](cfg)
     model.to(device)
+    if draw_seed is not None:  # only the quantizer draws from the global RNG from here on (the loader has its own)
+        torch.manual_seed(draw_seed)
+        name = f"{name}@{draw_seed}"
     watch = FeatureWatch(model.quantizer)
     optimizer, scheduler = make_optimizer(model, cfg), None
     scheduler = make_scheduler(optimizer, cfg)  # the config's schedule: warm-up, then cosine to train.max_steps
@@ -204,6 +214,49 @@ def read_runs(out_dir: Path) -> dict[str, tuple[list[dict], dict | None]]:
     return runs
 
 
+def run_group(name: str) -> str:
+    """The variant a run belongs to: `ours@12`, `ours (mean of 3)` and `ours` are all `ours`."""
+    return name.split("@", 1)[0].split(" ", 1)[0]
+
+
+def with_means(runs: dict) -> dict:
+    """The runs, with the step-by-step mean of every variant run with several draw seeds in place of its draws."""
+    groups: dict[str, list] = {}
+    for name, run in runs.items():
+        groups.setdefault(run_group(name), []).append(run)
+    out = {}
+    for group, members in groups.items():
+        if len(members) == 1:
+            name = next(n for n in runs if run_group(n) == group)
+            out[name] = members[0]
+            continue
+        steps = min(len(rows) for rows, _ in members)
+        rows = [{k: sum(m[0][i][k] for m in members) / len(members) for k in members[0][0][i]} for i in range(steps)]
+        vals = [v for _, v in members if v is not None]
+        val = None
+        if len(vals) == len(members):
+            keys = [k for k in vals[0] if k.startswith("val_")]
+            val = {k: sum(float(v[k]) for v in vals) / len(vals) for k in keys}
+        out[f"{group} (mean of {len(members)})"] = (rows, val)
+    return out
+
+
+def steps_below(runs: dict) -> str:
+    """For each peer (`vqp-*`): the steps at which ours reads a lower perplexity than it (the issue's comparison)."""
+    ours = [name for name in runs if run_group(name) == "ours"]
+    lines = []
+    for peer in (name for name in runs if run_group(name).startswith("vqp")):
+        if len(ours) != 1:
+            break
+        ours_ppl = {int(r["step"]): r["perplexity"] for r in runs[ours[0]][0]}
+        peer_ppl = {int(r["step"]): r["perplexity"] for r in runs[peer][0]}
+        common = sorted(set(ours_ppl) & set(peer_ppl))
+        lower = [s for s in common if ours_ppl[s] < peer_ppl[s]]
+        lines.append(f"{ours[0]} reads less than {peer} at {len(lower)} of {len(common)} steps"
+                     + (f": {', '.join(map(str, lower))}" if lower else ""))
+    return "\n".join(lines)
+
+
 def summary_table(runs: dict, checkpoints=(1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 400, 500, 600)) -> str:
     """Markdown: perplexity at chosen steps, its minimum after step 1, the window perplexity, dead codes and losses
     at the last step, and the validation figures."""
@@ -252,7 +305,11 @@ def report(out_dir: Path) -> None:
     runs = read_runs(out_dir)
     if not runs:
         sys.exit(f"no runs (*.csv) in {out_dir}")
+    runs = with_means(runs)
     table = summary_table(runs)
+    comparison = steps_below(runs)
+    if comparison:
+        table += "\n\n" + comparison
     (out_dir / "summary.md").write_text(table + "\n")
     print(table)
     try:
@@ -274,6 +331,8 @@ def main(argv=None) -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a key of the seed config (repeatable)")
+    parser.add_argument("--draw-seeds", default="", metavar="S,S,...",
+                        help="run each variant once per seed of the quantizer's random draws (see above)")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot and table from --out's CSVs")
     args = parser.parse_args(argv)
@@ -286,9 +345,14 @@ def main(argv=None) -> None:
         unknown = [n for n in names if n not in VARIANTS]
         if unknown:
             parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        try:
+            draw_seeds = [int(s) for s in args.draw_seeds.split(",") if s.strip()] or [None]
+        except ValueError:
+            parser.error(f"--draw-seeds takes comma-separated ints, got {args.draw_seeds!r}")
         cfg = seed_config(args.batch_size, args.num_workers, args.set, args.config)
         for name in names:
-            run_variant(name, cfg, args.steps, args.out, args.log_every)
+            for draw_seed in draw_seeds:
+                run_variant(name, cfg, args.steps, args.out, args.log_every, draw_seed)
     report(args.out)
 
 

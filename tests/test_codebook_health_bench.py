@@ -38,7 +38,31 @@ def test_variants_train_and_the_report_is_drawn_from_their_csvs(tmp_path):
         assert float(val["val_psnr"]) > 0 and 1 <= float(val["val_perplexity"]) <= 32
     table = (out / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in ("ours", "legacy", "vqp-recommended"))
+    assert "ours reads less than vqp-recommended at " in table and " of 3 steps" in table
     assert (out / "codebook_health.png").stat().st_size > 10_000
+
+
+def test_draw_seeds_repeat_a_variant_and_the_table_shows_their_mean(tmp_path):
+    pytest.importorskip("matplotlib")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "health"
+    codebook_health.main(["--config", str(config), "--variants", "ours", "--steps", "2", "--num-workers", "0",
+                          "--out", str(out), "--draw-seeds", "5,6"])
+    first_steps = []
+    for seed in (5, 6):
+        with open(out / f"ours@{seed}.csv") as f:
+            first_steps.append(float(next(csv.DictReader(f))["perplexity"]))
+    assert first_steps[0] != first_steps[1]  # the draws differ (same model and data)
+    mean_row = next(line for line in (out / "summary.md").read_text().splitlines()
+                    if line.startswith("| ours (mean of 2) |"))
+    assert mean_row.split("|")[2].strip() == f"{sum(first_steps) / 2:.0f}"
+
+
+def test_draw_seeds_must_be_ints(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        codebook_health.main(["--draw-seeds", "1,x", "--out", str(tmp_path)])
+    assert "--draw-seeds takes comma-separated ints" in capsys.readouterr().err
 
 
 def test_an_unknown_variant_is_named(tmp_path, capsys):
