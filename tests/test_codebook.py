@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kernels import reference
-from vqvae.codebook import INIT_STEPS, MOMENT_ROWS, MOMENT_STEPS, draw_in_proportion, kmeans_plus_plus
+from vqvae.codebook import INIT_STEPS, MOMENT_ROWS, MOMENT_STEPS
+from vqvae.seeding import draw_in_proportion, kmeans_plus_plus
 from vqvae.quantizer import VectorQuantizerEMA
 
 BACKENDS = ["torch", "triton"]

@@ -10,57 +10,46 @@ State (buffers, so they follow `.to()` and the state dict):
   ema_steps          EMA steps taken since then: the warm-up's clock
   data_mean [D], data_sq_mean [D]   EMA of the data's first and second moments per feature (`affine_reparam`)
 
+Why these rules: at initialisation a VQ-VAE's encoder outputs are tiny, and over the first hundred steps the
+optimizer moves them by as much as their spread, which then grows ~50-fold, almost all along one direction. A
+codebook that averages over 100 steps (decay 0.99 from the start) lags behind them; the codes left behind stop
+receiving rows and the few at the leading edge take them all: the seed configuration collapsed from perplexity
+2435 to 9 within 54 steps. Each rule below is measured in bench/RESULTS.md ("Codebook health").
+
 Rules:
-- Initialisation, from the first training batch. `init="kmeans++"`: k-means++ seeding (D^2 sampling, in at most
-  64 rounds), so the codes cover the data's regions instead of piling up where it is densest and none is a
-  duplicate while the batch has enough distinct rows; `init="random"`: random rows. Then `kmeans_iters` Lloyd
-  iterations on the same batch (each code moves to the mean of its rows; a code left with fewer rows than the dead
-  threshold moves onto a row drawn as the re-seeds draw theirs, so the next iteration splits the most used codes
-  instead of the first step finding it dead). The EMA state starts as if each code had already averaged its rows
-  of the last Lloyd iteration (with `kmeans_iters=0`: `seed` copies of itself, `seed` = its share of the rows of
-  one step), so the first steps move codes towards their data rather than shrinking them towards zero, and a code
-  that k-means still left (nearly) empty is re-seeded at the first step. With `ema_warmup`, the fit enters the EMA
-  as INIT_STEPS (16) steps of those rows: where the warm-up's decay is floored (small batches, see below: at batch
-  16 of the seed configuration, 4 rows a code and a decay of 0.75) the codes then hold the fit for the first ~10
-  steps instead of following each small batch's draw of images, while `recent_count`, which decides deadness,
-  starts from the fit's own counts, so an unused code dies as soon as without the weight. Where the decay is not
-  floored (batch 64: 0.005 at the first step) the weight is gone after one step.
+- Initialisation, from the first training batch (`initialise_`). `init="kmeans++"`: k-means++ seeding; `"random"`:
+  distinct random rows (`vqvae.seeding`). Then `kmeans_iters` Lloyd iterations on the same batch; between them a
+  code left with fewer rows than the dead threshold moves onto a row drawn as the re-seeds draw theirs, so the next
+  iteration splits the most used codes instead of the first step finding it dead. The EMA state starts as if each
+  code had already averaged its rows of the last iteration (with `kmeans_iters=0`: `seed` copies of itself, its
+  share of one step's rows), so the first steps move codes towards their data rather than shrinking them towards
+  zero. With `ema_warmup` that fit weighs as INIT_STEPS steps of its rows: at small batches, where the decay is
+  floored (below), the codes hold the fit instead of following each small batch's draw of images, while
+  `recent_count`, which decides deadness, starts from the fit's own counts, so an unused code dies as soon as it
+  would without the weight. At the seed configuration's batch the first step's decay (0.005) spends the weight.
 - The EMA step: Sonnet's VectorQuantizerEMA maths (`kernels.reference.ema_blend_`). With `ema_warmup`, step t
   (from 0) uses the decay min(decay, (1 + t) / (W + t)), W = `ema_warmup_steps` (200): the codebook averages over
   about 1 + t / W steps, so it starts as a k-means step on each batch and lengthens its memory as training settles
-  (0.5 at step 200, 0.75 at 600, 0.9 at 1800, `decay` = 0.99 from step ~19700 on). Early in training the encoder's
-  outputs move fastest: at the seed configuration their variance grows ~50-fold between steps 30 and 70, almost all
-  of it along one direction, and the clusters within them move by a large part of their width from one step to the
-  next. A codebook averaging over 1 / (1 - 0.99) = 100 steps, or even 10, lags behind them: the codes left behind
-  stop receiving rows and the few at the leading edge of each moving cluster take them all. Replayed on the
-  recorded encoder outputs of steps 1-160 of a seed-configuration run, the lowest batch perplexity was 611 with
-  W = 10, 1291 with W = 100 and 1457 with W = 200 (bench/RESULTS.md). At small batches the decay is raised so
-  that the average holds at least MEMORY_ROWS rows per code. The decay is a device tensor: no host read, one
-  compiled graph for every step.
+  (0.5 at step 200, 0.75 at 600, 0.9 at 1800, 0.99 from step ~19700). On recorded encoder outputs of a seed run the
+  lowest perplexity of steps 1-160 was 611 with W = 10 and 1457 with W = 200. At small batches the decay is raised
+  so that the average holds at least MEMORY_ROWS rows per code. The decay is a device tensor: no host read.
 - Affine re-parameterisation (`affine_reparam`, after Huh et al. 2023, "Straightening out the straight-through
-  estimator"): the codes are kept in the frame of the data's running per-feature mean and standard deviation.
-  Before each training batch is searched the frame follows its moments and every code moves with it,
-  c -> mean' + std' / std * (c - mean), so when the encoder's outputs shift or grow every code follows at once, the
-  unused ones too. The running moments are an average over the last ~8 batches (each weighs 1/8) and over at least
-  MOMENT_ROWS (128) rows a code (a batch of fewer rows weighs its share: 1/32 at batch 16 of the seed
-  configuration): a batch of 64 crops of 14 photographs has a mean that depends on which photographs it drew, the
-  more so the fewer it drew, and a frame that followed each batch alone would move every code by that difference
-  of content, which is no drift of the encoder (in the same replay, W = 200 with a frame that followed each batch
-  fell to 715). The state stays in the data's coordinates;
-  eval mode leaves the frame where training left it.
+  estimator"): the codes live in the frame of the data's running per-feature mean and standard deviation. Before
+  each training batch is searched the frame follows its moments and every code moves with it,
+  c -> mean' + std' / std * (c - mean), so when the encoder's outputs shift or grow every code follows at once,
+  the unused ones too. The moments average over ~MOMENT_STEPS batches and at least MOMENT_ROWS rows a code: a
+  batch's mean depends on which images it drew (the more so the fewer), and a frame that followed each batch
+  would move every code by that difference of content, which is no drift of the encoder. Eval mode leaves the
+  frame where training left it.
 - Cosine codes (`cosine`): the rows arrive l2-normalised, and the codes are put back on the unit sphere after
   every EMA step, so the nearest code is the one of highest cosine similarity.
-- Dead codes: a code is dead when its recent count (`recent_count`: the EMA of its rows per step, at the
-  codebook's decay but without the fit's initial weight) falls under `dead_code_threshold` (rows per step). Dead
-  codes are re-seeded from rows of the batch, with the seed count (or `restart_count`), on the device, with no host
-  synchronisation. A row is drawn with probability proportional to the batch count of its code, so a code's region
-  receives new codes in proportion to its count squared: restarts split the most used codes, which evens out the
-  usage faster than rows drawn uniformly (those follow the data's density, a region's share in proportion to its
-  count). At the seed configuration (bench/RESULTS.md) the lowest perplexity of 600 steps rose from 1445 to 1553
-  and the validation perplexity from 1142 to 1182; at batch 16, steps 5 and 10 read 7-15% more. The shipped
-  configs use a quarter of the codes' fair share (rows per step / K); at the seed configuration 6 and 8 (of a fair
-  share of 16) gave the same mean perplexity over steps 2-36 (7-8% more over steps 30-36) for 2-3.7 times the
-  re-seeds (bench/RESULTS.md).
+- Dead codes: a code is dead when its recent count (`recent_count`: the EMA of its rows per step, without the
+  fit's initial weight) falls under `dead_code_threshold` (rows per step). Dead codes are re-seeded from rows of
+  the batch, with the seed count (or `restart_count`), on the device, with no host synchronisation. A row is drawn
+  with probability proportional to the batch count of its code, so a region receives new codes in proportion to
+  its count squared: restarts split the most used codes first, which evens out the usage faster than rows drawn
+  uniformly (those follow the data's density). The shipped configs use a quarter of a code's fair share (rows per
+  step / K).
 - Several processes (torch.distributed initialised): the statistics and re-seed candidates of every step are
   summed over the ranks first (`vqvae.sync`), and the initialisation is broadcast from rank 0, so every rank keeps
   the same codebook.
@@ -78,11 +67,11 @@ from torch import nn
 
 import kernels
 from kernels import reference
+from vqvae.seeding import draw_in_proportion, kmeans_plus_plus, random_rows
 from vqvae.sync import broadcast_from_rank0, sum_across_ranks, sum_moments_across_ranks, world_size
 
 BACKENDS = ("auto", "triton", "torch")
 INITS = ("kmeans++", "random")
-KMEANS_ROUNDS = 64
 # ema_steps of a state loaded without one (written before the warm-up existed): a codebook long past its warm-up.
 TRAINED = 2 ** 40
 # The frame's horizon: each training batch weighs at most 1 / MOMENT_STEPS in the running moments, and at most its
@@ -418,57 +407,6 @@ class EMACodebook(nn.Module):
             state_dict[prefix + "data_mean"] = torch.zeros(self.code_dim)
             state_dict[prefix + "data_sq_mean"] = torch.zeros(self.code_dim)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def draw_in_proportion(weights: torch.Tensor, k: int) -> torch.Tensor:
-    """k indices drawn with replacement, each with probability weights[i] / weights.sum(), on the device and with
-    no host read. (torch.multinomial takes at most 2**24 categories; a batch of rows may hold more.) With no
-    positive weight, every draw is the last index."""
-    cdf = weights.float().cumsum(dim=0)
-    target = torch.rand(k, device=weights.device) * cdf[-1]
-    return torch.searchsorted(cdf, target, right=True).clamp(max=weights.shape[0] - 1)
-
-
-def random_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of k random rows: distinct rows where there are k of them, repeats only where there are not."""
-    n = rows.shape[0]
-    if n >= k:
-        return torch.randperm(n, device=rows.device)[:k]
-    return torch.cat([torch.randperm(n, device=rows.device), torch.randint(n, (k - n,), device=rows.device)])
-
-
-def kmeans_plus_plus(rows: torch.Tensor, k: int, rounds: int = KMEANS_ROUNDS) -> torch.Tensor:
-    """Indices of k rows chosen by k-means++ seeding: each next row is drawn with probability proportional to its
-    squared distance to the nearest row chosen so far, so the choice spreads over the data's regions.
-
-    Exact k-means++ draws one row at a time (k passes over the rows); for large k the draws come in `rounds`
-    rounds of ceil((k - 1) / rounds) rows, drawn without replacement from the same distances (k-means||-style;
-    about one nearest-code search in all). No row is picked twice (rows already chosen have distance 0 and are not
-    drawn again while others remain); with fewer rows than k, every row is taken and the rest repeat. Rows that are
-    copies of each other can still be picked together within a round: pass distinct rows for distinct codes.
-    """
-    n, device = rows.shape[0], rows.device
-    if n <= k:
-        return random_rows(rows, k)
-    sqnorm = rows.square().sum(dim=1)
-    chosen = torch.randint(n, (1,), device=device)
-    d2 = (rows - rows[chosen]).square().sum(dim=1)
-    per_round = math.ceil((k - 1) / rounds)
-    picked = [chosen]
-    taken = 1
-    while taken < k:
-        m = min(per_round, k - taken)
-        d2[chosen] = 0.0
-        # A floor far below any real distance keeps every weight positive (multinomial without replacement needs
-        # m of them) without changing the draw while distances remain.
-        weights = d2 + d2.amax().clamp(min=1e-20) * 1e-12
-        chosen = torch.multinomial(weights, m, replacement=False)
-        new = rows[chosen]
-        dist = (sqnorm[:, None] - 2.0 * rows @ new.T + new.square().sum(dim=1)[None, :]).clamp(min=0.0)
-        d2 = torch.minimum(d2, dist.amin(dim=1))
-        picked.append(chosen)
-        taken += m
-    return torch.cat(picked)
 
 
 def _check_codebook_config(num_codes, code_dim, decay, eps, init, dead_code_threshold, restart_count, backend,
