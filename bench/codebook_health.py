@@ -221,34 +221,37 @@ def run_group(name: str) -> str:
 
 def with_means(runs: dict) -> dict:
     """The runs, with the step-by-step mean of every variant run with several draw seeds in place of its draws."""
-    groups: dict[str, list] = {}
-    for name, run in runs.items():
-        groups.setdefault(run_group(name), []).append(run)
+    groups: dict[str, list[str]] = {}
+    for name in runs:
+        groups.setdefault(run_group(name), []).append(name)
     out = {}
-    for group, members in groups.items():
-        if len(members) == 1:
-            name = next(n for n in runs if run_group(n) == group)
-            out[name] = members[0]
-            continue
-        steps = min(len(rows) for rows, _ in members)
-        rows = [{k: sum(m[0][i][k] for m in members) / len(members) for k in members[0][0][i]} for i in range(steps)]
-        vals = [v for _, v in members if v is not None]
-        val = None
-        if len(vals) == len(members):
-            keys = [k for k in vals[0] if k.startswith("val_")]
-            val = {k: sum(float(v[k]) for v in vals) / len(vals) for k in keys}
-        out[f"{group} (mean of {len(members)})"] = (rows, val)
+    for group, names in groups.items():
+        if len(names) == 1:
+            out[names[0]] = runs[names[0]]
+        else:
+            out[f"{group} (mean of {len(names)})"] = mean_run([runs[name] for name in names])
     return out
+
+
+def mean_run(members: list) -> tuple[list[dict], dict | None]:
+    """Every column averaged step by step over the runs (up to the shortest), and their validation figures."""
+    steps = min(len(rows) for rows, _ in members)
+    rows = [{k: sum(r[i][k] for r, _ in members) / len(members) for k in members[0][0][i]} for i in range(steps)]
+    vals = [val for _, val in members]
+    if any(val is None for val in vals):
+        return rows, None
+    keys = [k for k in vals[0] if k.startswith("val_")]
+    return rows, {k: sum(float(val[k]) for val in vals) / len(vals) for k in keys}
 
 
 def steps_below(runs: dict) -> str:
     """For each peer (`vqp-*`): the steps at which ours reads a lower perplexity than it (the issue's comparison)."""
     ours = [name for name in runs if run_group(name) == "ours"]
+    if len(ours) != 1:
+        return ""
+    ours_ppl = {int(r["step"]): r["perplexity"] for r in runs[ours[0]][0]}
     lines = []
     for peer in (name for name in runs if run_group(name).startswith("vqp")):
-        if len(ours) != 1:
-            break
-        ours_ppl = {int(r["step"]): r["perplexity"] for r in runs[ours[0]][0]}
         peer_ppl = {int(r["step"]): r["perplexity"] for r in runs[peer][0]}
         common = sorted(set(ours_ppl) & set(peer_ppl))
         lower = [s for s in common if ours_ppl[s] < peer_ppl[s]]
