@@ -1,7 +1,7 @@
 """The Triton kernels compile for NVIDIA GPUs as their launches compile them, and fit the SM, checked on any machine.
 
 The rest of the suite runs the kernels in Triton's interpreter when there is no GPU, and the interpreter accepts
-some kernels that the compiler rejects or that need more shared memory than an SM has. `compile_for_gpu.py`
+some kernels that the compiler rejects or that need more shared memory than an SM has. `bench/compile_for_gpu.py`
 compiles every launch the quantizer makes, specialised as Triton's launcher specialises it, in every autotune
 configuration that the kernels' pruning keeps; it needs TRITON_INTERPRET unset, hence the subprocesses.
 """
@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("compile_for_gpu.py")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parent.parent), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is what launches use today
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=1200)
+    return subprocess.run([sys.executable, "-m", "bench.compile_for_gpu", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
 
 
 @pytest.mark.parametrize("arch, only", [(90, ""), (80, "N=65536")], ids=["sm_90", "sm_80-seed-shape"])

@@ -1,6 +1,6 @@
 """Compile every kernel launch the quantizer makes for an NVIDIA GPU, as the launch compiles it; no GPU needed.
 
-    python tests/compile_for_gpu.py [--arch 90] [--model]
+    python -m bench.compile_for_gpu [--arch 90] [--model]
 
 Triton's interpreter, which runs the kernels on the CPU in the tests, is lenient where the compiler is not, and
 cannot say what the compiled code costs. This script
