@@ -31,9 +31,7 @@ def _ceilings(request):
     if session is None or session.disabled:
         return
     harness.wait_for_quiet()
-    roofline.peak_bandwidth(harness.DEVICE)
-    for precision in ("fp32", "tf32", "bf16") if harness.ON_CUDA else ("fp32", "bf16"):
-        roofline.peak_flops(harness.DEVICE, precision)
+    roofline.measure_ceilings(harness.DEVICE)
 
 
 @pytest.fixture

@@ -5,13 +5,16 @@ shape too slow for the CPU or too big for the memory) is still listed, as a skip
 `pytest -ra` says what was left out and why.
 """
 
+import contextlib
 import functools
 import importlib.util
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -61,7 +64,7 @@ CPU_MAX_WORK = CPU_STAND_IN.n * CPU_STAND_IN.k * CPU_STAND_IN.d
 @dataclass(frozen=True)
 class Provider:
     name: str
-    precision: str  # arithmetic of its dot products, for the roofline: fp32, tf32x3 or bf16
+    precision: str  # arithmetic of its dot products, the roofline's ceiling: one of roofline.PRECISIONS
     dtype: torch.dtype = torch.float32  # of x (and the codebook, for the search)
     needs: tuple[str, ...] = ()  # "triton", "compile", or modules that must be importable
     cuda_only: str | None = None  # why it cannot run without CUDA
@@ -92,8 +95,11 @@ def _memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def skip_reason(provider: Provider, shape: Shape) -> str | None:
-    if "triton" in provider.needs and (not ON_CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
+def skip_reason(provider: Provider, shape: Shape, *, interpreted_triton: bool = False) -> str | None:
+    """Why the provider cannot run at this shape here, or None. interpreted_triton: let Triton providers run under
+    the interpreter (`bench.gpu_report --smoke`, a check that every case still runs, not a measurement)."""
+    interpreted = not ON_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+    if "triton" in provider.needs and interpreted and not interpreted_triton:
         return TRITON_SKIP
     if provider.cuda_only and not ON_CUDA:
         return provider.cuda_only
@@ -108,6 +114,25 @@ def skip_reason(provider: Provider, shape: Shape) -> str | None:
         return (f"materialises N x K matrices (~{provider.bytes_per_nk * shape.n * shape.k / 2**30:.0f} GiB at "
                 f"{shape}), more than this device's memory allows")
     return None
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation, benchmarked across providers: how each provider's call is made, and what it costs.
+
+    make_case(provider, shape, device) returns (fn, make_args): one call is fn(*make_args()); make_args, untimed,
+    makes the arguments afresh (state that fn changes in place starts anew). The pytest benchmarks and
+    `bench.gpu_report` both time an operation through this, so they measure the same calls.
+    """
+
+    name: str
+    providers: tuple[Provider, ...]
+    make_case: Callable[[Provider, Shape, str], tuple[Callable, Callable[[], tuple]]]
+    cost: Callable[[Shape, int], roofline.Cost]  # (shape, bytes per element of x) -> cost
+    backward: bool = False  # its call runs a backward pass (a training step); otherwise it runs under no_grad
+
+    def grad_mode(self):
+        return contextlib.nullcontext() if self.backward else torch.no_grad()
 
 
 def cases(providers, shapes=None) -> list:
@@ -189,6 +214,25 @@ def wait_for_quiet(max_wait_s: float = QUIET_WAIT_S) -> None:
             return
 
 
+def median_seconds(fn, args=(), *, rep_ms: float = 100.0) -> float:
+    """Median seconds of fn(*args), warm-up excluded, outside pytest-benchmark (`bench.gpu_report`).
+
+    CUDA: `triton.testing.do_bench` (CUDA events, the L2 cache flushed before each call, calls filling ~rep_ms).
+    CPU: wall-clock times of calls filling ~rep_ms, at least three, after one untimed call.
+    """
+    if ON_CUDA:
+        from triton.testing import do_bench  # noqa: PLC0415
+
+        return do_bench(lambda: fn(*args), warmup=25, rep=rep_ms, return_mode="median") / 1e3
+    fn(*args)
+    times, deadline = [], time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def run_benchmark(benchmark, fn, *, sync, setup=None, budget_s: float | None = None, max_rounds: int = 100):
     """Warm up `fn`, then time it with pytest-benchmark; returns the median in seconds (None when disabled).
 
@@ -253,8 +297,8 @@ def cpu_tensor_peak(fn, args=()) -> int:
     return max(totals, default=0)
 
 
-def record(benchmark, provider: Provider, shape: Shape, cost: roofline.Cost, median_s, mem=None) -> None:
-    """Put the case, its roofline figures and its peak memory in the benchmark's extra_info."""
+def case_info(provider: Provider, shape: Shape, cost: roofline.Cost, median_s, mem=None) -> dict:
+    """The case, its roofline figures and its peak memory ((bytes, how read) from `peak_memory`), as a dict."""
     info = {
         "provider": provider.name,
         "n": shape.n, "k": shape.k, "d": shape.d,
@@ -267,4 +311,31 @@ def record(benchmark, provider: Provider, shape: Shape, cost: roofline.Cost, med
         info.update(roofline.describe(cost, median_s, DEVICE, provider.precision))
     if mem is not None:
         info["peak_mem_bytes"], info["peak_mem_method"] = mem
-    benchmark.extra_info.update(info)
+    return info
+
+
+def record(benchmark, provider: Provider, shape: Shape, cost: roofline.Cost, median_s, mem=None) -> None:
+    """Put the case, its roofline figures and its peak memory in the benchmark's extra_info."""
+    benchmark.extra_info.update(case_info(provider, shape, cost, median_s, mem))
+
+
+def benchmark_case(benchmark, operation: Operation, provider: Provider, shape: Shape) -> None:
+    """A pytest-benchmark case: time one provider's call at one shape, read its peak memory, record both."""
+    benchmark.group = f"{operation.name} {shape}"
+    fn, make_args = operation.make_case(provider, shape, DEVICE)
+    with operation.grad_mode():
+        median = run_benchmark(benchmark, fn, sync=synchronize, setup=make_args)
+        mem = peak_memory(fn, make_args()) if median is not None else None
+    record(benchmark, provider, shape, operation.cost(shape, provider.dtype.itemsize), median, mem)
+
+
+def measure_case(operation: Operation, provider: Provider, shape: Shape, rep_ms: float = 100.0) -> dict:
+    """The same case outside pytest (`bench.gpu_report`): median (`median_seconds`), peak memory and roofline figures.
+    The calls after the first reuse its arguments, so state changed in place carries on from call to call."""
+    fn, make_args = operation.make_case(provider, shape, DEVICE)
+    args = make_args()
+    with operation.grad_mode():
+        median = median_seconds(fn, args, rep_ms=rep_ms)
+        mem = peak_memory(fn, args)
+    cost = operation.cost(shape, provider.dtype.itemsize)
+    return {"operation": operation.name, **case_info(provider, shape, cost, median, mem)}

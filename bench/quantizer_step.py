@@ -1,21 +1,26 @@
-"""One training step of a vector quantizer, per provider, and its peak memory measured in a fresh process.
+"""One training step of a vector quantizer, or of a residual stack of them, per provider, and its peak memory measured
+in a fresh process.
 
 A step is what the quantizer costs a VQ-VAE training iteration: the forward pass in train mode (search, commitment
-loss, EMA update of the codebook, dead-code restarts where the provider has them), then the backward pass of the
-commitment loss plus a stand-in for the decoder's loss (the mean square of the quantized output), so that the
-straight-through gradient reaches the input as it does in training. x is (B, 1024, D): B images of 32 x 32
-latents, channels last, which both quantizers take without a transpose.
+loss, EMA update of the codebook, dead-code restarts where the provider has them; every layer's, for a stack), then
+the backward pass of the commitment loss (summed over the layers) plus a stand-in for the decoder's loss (the mean
+square of the quantized output), so that the straight-through gradient reaches the input as it does in training.
+x is (B, 1024, D): B images of 32 x 32 latents, channels last, which every quantizer takes without a transpose.
 
-Providers
-  torch, triton-exact, triton-fast  vqvae.quantizer.VectorQuantizerEMA with backend "torch" or "triton"
+Providers (`layers` None: one quantizer; an int: a residual stack of that many)
+  torch, triton-exact, triton-fast  vqvae.quantizer.VectorQuantizerEMA, or vqvae.residual.ResidualVectorQuantizerEMA
+                                    with its layers' defaults, with backend "torch" or "triton"
   compile-torch                     the torch backend under torch.compile
-  vector-quantize-pytorch           vector_quantize_pytorch.VectorQuantize with the same settings: EMA on,
-                                    decay 0.99, eps 1e-5, commitment weight 0.25, k-means init off, and the plain
-                                    straight-through estimator (rotation_trick=False), which is what
-                                    VectorQuantizerEMA does. It has no dead-code restarts at these settings.
+  torch-peer-ema                    the torch backend with the peer's EMA, as the adapters run it: a constant decay,
+                                    no re-parameterisation, no dead-code restarts
+  vector-quantize-pytorch           vector_quantize_pytorch.VectorQuantize, or ResidualVQ, with the same settings: EMA
+                                    on, decay 0.99, eps 1e-5, commitment weight 0.25, k-means init off, and the plain
+                                    straight-through estimator (rotation_trick=False), which is what ours do. It has
+                                    no dead-code restarts at these settings, and builds the N x K distance matrix and
+                                    a one-hot per layer.
 
-`python -m bench.quantizer_step --provider torch --n 16384 --k 4096 --d 256` prints, as JSON, the peak memory of
-one step in this (fresh) process: see `measure_peak_memory`.
+`python -m bench.quantizer_step --provider torch --n 16384 --k 4096 --d 256 [--layers 8]` prints, as JSON, the peak
+memory of one step in this (fresh) process: see `measure_peak_memory`.
 """
 
 import argparse
@@ -30,39 +35,57 @@ import torch
 if not torch.cuda.is_available():  # a fresh process: bench/conftest.py has not run here
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-PROVIDERS = ("torch", "triton-exact", "triton-fast", "compile-torch", "vector-quantize-pytorch")
+OURS = ("torch", "triton-exact", "triton-fast", "compile-torch", "torch-peer-ema")
+PROVIDERS = (*OURS, "vector-quantize-pytorch")
 DECAY, EPS, COMMITMENT = 0.99, 1e-5, 0.25
 LATENTS_PER_IMAGE = 32 * 32
+PEER_EMA = {"ema_warmup": False, "affine_reparam": False, "dead_code_threshold": 0.0}
 
 
-def make_step(provider: str, n: int, k: int, d: int, device: str):
-    """A function that runs one training step on a fixed batch of n random vectors (its own module state)."""
-    per_image = LATENTS_PER_IMAGE if n % LATENTS_PER_IMAGE == 0 else n
-    x = torch.randn(n // per_image, per_image, d, device=device)
-
+def make_forward(provider: str, k: int, d: int, device: str, layers: int | None = None):
+    """The provider's quantizer (layers None) or residual stack (layers an int) in train mode, as a function
+    forward(inputs) -> (quantized, loss)."""
     if provider == "vector-quantize-pytorch":
-        from vector_quantize_pytorch import VectorQuantize  # noqa: PLC0415
+        from vector_quantize_pytorch import ResidualVQ, VectorQuantize  # noqa: PLC0415
 
-        module = VectorQuantize(dim=d, codebook_size=k, decay=DECAY, eps=EPS, commitment_weight=COMMITMENT,
-                                kmeans_init=False, rotation_trick=False).to(device).train()
+        settings = {"dim": d, "codebook_size": k, "decay": DECAY, "eps": EPS, "commitment_weight": COMMITMENT,
+                    "kmeans_init": False, "rotation_trick": False}
+        module = VectorQuantize(**settings) if layers is None else ResidualVQ(num_quantizers=layers, **settings)
+        module = module.to(device).train()
 
         def forward(inputs):
             quantized, _, loss = module(inputs)
-            return quantized, loss
-    elif provider in ("torch", "triton-exact", "triton-fast", "compile-torch"):
-        from vqvae.quantizer import VectorQuantizerEMA  # noqa: PLC0415
+            return quantized, loss.sum()  # ResidualVQ: one loss per layer
 
-        backend = "triton" if provider.startswith("triton-") else "torch"
-        precision = "fast" if provider == "triton-fast" else "exact"
-        module = VectorQuantizerEMA(k, d, decay=DECAY, eps=EPS, commitment_weight=COMMITMENT,
-                                    backend=backend, precision=precision).to(device).train()
-        model = torch.compile(module) if provider == "compile-torch" else module
-
-        def forward(inputs):
-            out = model(inputs)
-            return out.quantized, out.loss
-    else:
+        return forward
+    if provider not in OURS:
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+    from vqvae.quantizer import VectorQuantizerEMA  # noqa: PLC0415
+    from vqvae.residual import ResidualVectorQuantizerEMA  # noqa: PLC0415
+
+    kwargs = {"decay": DECAY, "eps": EPS, "commitment_weight": COMMITMENT,
+              "backend": "triton" if provider.startswith("triton-") else "torch",
+              "precision": "fast" if provider == "triton-fast" else "exact",
+              **(PEER_EMA if provider == "torch-peer-ema" else {})}
+    if layers is None:
+        module = VectorQuantizerEMA(k, d, **kwargs)
+    else:
+        module = ResidualVectorQuantizerEMA(layers, k, d, **kwargs)
+    module = module.to(device).train()
+    model = torch.compile(module) if provider == "compile-torch" else module
+
+    def forward(inputs):
+        out = model(inputs)
+        return out.quantized, out.loss
+
+    return forward
+
+
+def make_step(provider: str, n: int, k: int, d: int, device: str, layers: int | None = None):
+    """A function that runs one training step on a fixed batch of n random vectors (its own module state)."""
+    per_image = LATENTS_PER_IMAGE if n % LATENTS_PER_IMAGE == 0 else n
+    x = torch.randn(n // per_image, per_image, d, device=device)
+    forward = make_forward(provider, k, d, device, layers)
 
     def step():
         inputs = x.detach().requires_grad_()
@@ -93,7 +116,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_peak_memory(provider: str, n: int, k: int, d: int, device: str = "cpu") -> dict:
+def measure_peak_memory(provider: str, n: int, k: int, d: int, device: str = "cpu", layers: int | None = None) -> dict:
     """Peak memory of one steady-state step, measured two ways (meant for a fresh process: see the caller).
 
     tensor_peak_bytes  bytes of tensors allocated during the step and live at its peak: on CUDA the caching
@@ -108,10 +131,10 @@ def measure_peak_memory(provider: str, n: int, k: int, d: int, device: str = "cp
     """
     from bench import harness  # noqa: PLC0415
 
-    step = make_step(provider, n, k, d, device)
+    step = make_step(provider, n, k, d, device, layers)
     step()
     step()
-    result = {"provider": provider, "n": n, "k": k, "d": d, "device": device}
+    result = {"provider": provider, "layers": layers, "n": n, "k": k, "d": d, "device": device}
     if device == "cuda":
         result["tensor_peak_bytes"] = harness.peak_memory(step)[0]
         return result
@@ -127,14 +150,16 @@ def measure_peak_memory(provider: str, n: int, k: int, d: int, device: str = "cp
     return result
 
 
-def peak_memory_in_fresh_process(provider: str, n: int, k: int, d: int, device: str = "cpu") -> dict:
+def peak_memory_in_fresh_process(provider: str, n: int, k: int, d: int, device: str = "cpu",
+                                 layers: int | None = None) -> dict:
     """Run measure_peak_memory in a new Python process, so no other benchmark's allocations or caches count."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "bench.quantizer_step", "--provider", provider,
                "--n", str(n), "--k", str(k), "--d", str(d), "--device", device]
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    command += [] if layers is None else ["--layers", str(layers)]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -146,10 +171,11 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=None, help="a residual stack of this many quantizers")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    print(json.dumps(measure_peak_memory(args.provider, args.n, args.k, args.d, args.device)))
+    print(json.dumps(measure_peak_memory(args.provider, args.n, args.k, args.d, args.device, args.layers)))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ is max(flops / compute ceiling, bytes / bandwidth ceiling), and a benchmark repo
 the roofline, 0.25 is four times slower than the hardware allows.
 
 The ceilings are measured, not taken from a datasheet: once per process and precision, on first use (the benchmarks
-measure them all before the first case), as the best of several repetitions of
+measure them all before the first case; `bench.gpu_report` measures them once and hands them to its later stages,
+`adopt_ceilings`), as the best of several repetitions of
   bandwidth  a large copy within device memory (CUDA: device to device; CPU: a memcpy-like `copy_`), counting the
              bytes read plus the bytes written;
-  compute    a large square matmul in that precision (8192 on CUDA, 2048 on the CPU): "fp32" (IEEE, TF32 off),
-             "tf32" and "bf16" on CUDA; "fp32" and "bf16" on the CPU. "tf32x3" (the Triton kernel's exact mode,
-             three TF32 products per fp32 product) is a third of the "tf32" ceiling.
+  compute    a large square matmul in that precision (8192 on CUDA; on the CPU the largest power of two up to 2048
+             that a call finishes in about 0.2 s): "fp32" (IEEE, TF32 off), "tf32" (CUDA only), "bf16" and "fp16".
+             "fp16" is the Triton search's arithmetic, in both modes: fp16 tensor-core operands, fp32 accumulation.
 So a fraction is against what this machine actually sustains, a little above a datasheet's share of it. On a shared
 CPU a ceiling measured while another process ran comes out low, and fractions above 1 are the sign of it.
 
@@ -19,14 +20,14 @@ CPU a ceiling measured while another process ran comes out low, and fractions ab
 """
 
 import argparse
-import functools
 import platform
 import time
 from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+_MATMUL_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -40,8 +41,27 @@ class Cost:
 
 
 def nearest_code_cost(n: int, k: int, d: int, itemsize: int) -> Cost:
-    """N x K dot products of length D; read x and the codebook, write an int64 index and an fp32 distance per row."""
+    """N x K dot products of length D; read x and the codebook, write an int64 index and an fp32 distance per row.
+
+    For the Triton search these are the products of its fp16 tensor-core pass, which both modes make (its floor is
+    the "fp16" one). `exact` then rescores in fp32 the rows that pass cannot certify: a few kept candidates (at
+    most 2 x KEEP x D FLOPs a row: 0.13 GFLOP at the seed shape, 0.1% of the pass), or, for the rare row whose
+    candidates do not settle it, every code within the pass's error bound. That work depends on the data and is
+    left out of the floor, so `exact`'s fraction of the floor next to `fast`'s shows what it costs.
+    """
     return Cost(flops=2.0 * n * k * d, bytes=float(n * d * itemsize + k * d * itemsize + n * (8 + 4)))
+
+
+def code_stats_cost(n: int, k: int, d: int, itemsize: int) -> Cost:
+    """Per-code counts and sums: read x and its int64 indices, write fp32 counts [K] and sums [K, D]; one add per
+    element of x. (The deterministic mode's sort moves more, but the floor is the operation's, not a method's.)"""
+    return Cost(flops=float(n * d), bytes=float(n * d * itemsize + n * 8 + k * (d + 1) * 4))
+
+
+def ema_blend_cost(k: int, d: int) -> Cost:
+    """The blend: read the counts, sums, cluster sizes and embed sums, write the cluster sizes, embed sums and the
+    codebook (fp32; [K] for counts and sizes, [K, D] for the rest); a handful of operations per element."""
+    return Cost(flops=float(5 * k * d), bytes=float((4 * k * d + 3 * k) * 4))
 
 
 def ema_update_cost(n: int, k: int, d: int, itemsize: int) -> Cost:
@@ -53,9 +73,11 @@ def ema_update_cost(n: int, k: int, d: int, itemsize: int) -> Cost:
     return Cost(flops=float(n * d + 5 * k * d), bytes=float(n * d * itemsize + n * 8 + 3 * k * d * 4 * 2))
 
 
-def quantizer_step_cost(n: int, k: int, d: int, itemsize: int) -> Cost:
-    """The training step is the search and the EMA update (the rest of the step is O(N D) elementwise work)."""
-    return nearest_code_cost(n, k, d, itemsize) + ema_update_cost(n, k, d, itemsize)
+def quantizer_step_cost(n: int, k: int, d: int, itemsize: int, layers: int = 1) -> Cost:
+    """The training step is the search and the EMA update (the rest of the step is O(N D) elementwise work); a
+    residual stack's is its layers' one after another."""
+    one = nearest_code_cost(n, k, d, itemsize) + ema_update_cost(n, k, d, itemsize)
+    return Cost(one.flops * layers, one.bytes * layers)
 
 
 # -- measured ceilings ---------------------------------------------------------------------------------------
@@ -92,40 +114,54 @@ def _best_seconds(fn, device: str, repeats: int) -> float:
 
 
 def _cpu_matmul_size(dtype: torch.dtype, max_n: int = 2048, call_s: float = 0.2) -> int:
-    """The smallest square size whose matmul takes call_s, at most max_n: fp32 reaches max_n, the size from which a
-    2-core CPU sustains its rate (~0.15 s a call), but a CPU without bf16 instructions emulates bf16 at ~1/60 of
-    that rate, where max_n would take ~40 s a call (the benchmark session's first fixture waited minutes on it)."""
+    """The largest power-of-two size, at most max_n, whose square matmul is predicted to take under call_s, from the
+    time of the size below it (doubling the size multiplies the time by eight). fp32 reaches max_n, the size from
+    which a 2-core CPU sustains its rate (~0.15 s a call); a CPU without bf16 or fp16 instructions emulates them at
+    1/60 of that rate or less, where max_n would take ~40 s a call (the benchmark session's first fixture waited
+    minutes on it)."""
     n = 256
     while n < max_n:
         a = torch.randn(n, n).to(dtype)
         start = time.perf_counter()
         torch.mm(a, a)
-        if time.perf_counter() - start >= call_s:
+        if 8 * (time.perf_counter() - start) >= call_s:
             break
         n *= 2
     return n
 
 
-@functools.cache
+# Ceilings of this process, measured on first use or adopted from the process that measured them:
+# (device, "bandwidth") -> bytes per second, (device, precision) -> FLOP per second.
+_ceilings: dict[tuple[str, str], float] = {}
+
+
+def precisions(device: str) -> tuple[str, ...]:
+    """The precisions with a ceiling on this kind of device (tf32 is a CUDA tensor-core format)."""
+    return PRECISIONS if device == "cuda" else tuple(p for p in PRECISIONS if p != "tf32")
+
+
 def peak_bandwidth(device: str) -> float:
     """Bytes per second of a large copy (read + write), measured."""
-    numel = (1 << 30 if device == "cuda" else 1 << 28) // 4  # 1 GiB on a GPU, 256 MiB on the CPU: past every cache
-    src = torch.ones(numel, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    seconds = _best_seconds(lambda: dst.copy_(src), device, repeats=10 if device == "cuda" else 20)
-    return 2 * src.numel() * src.element_size() / seconds
+    if (device, "bandwidth") not in _ceilings:
+        numel = (1 << 30 if device == "cuda" else 1 << 28) // 4  # 1 GiB on a GPU, 256 MiB on the CPU: past every cache
+        src = torch.ones(numel, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        seconds = _best_seconds(lambda: dst.copy_(src), device, repeats=10 if device == "cuda" else 20)
+        _ceilings[device, "bandwidth"] = 2 * src.numel() * src.element_size() / seconds
+    return _ceilings[device, "bandwidth"]
 
 
-@functools.cache
 def peak_flops(device: str, precision: str) -> float:
     """Floating-point operations per second of a large square matmul in `precision`, measured."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "tf32x3":
-        return peak_flops(device, "tf32") / 3.0
-    if precision == "tf32" and device != "cuda":
-        raise ValueError("tf32 is a CUDA tensor-core precision; the CPU has fp32 and bf16")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if precision not in precisions(device):
+        raise ValueError(f"precision on {device} must be one of {precisions(device)}, got {precision!r}")
+    if (device, precision) not in _ceilings:
+        _ceilings[device, precision] = _measure_matmul_flops(device, precision)
+    return _ceilings[device, precision]
+
+
+def _measure_matmul_flops(device: str, precision: str) -> float:
+    dtype = _MATMUL_DTYPE[precision]
     n = 8192 if device == "cuda" else _cpu_matmul_size(dtype)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -138,6 +174,21 @@ def peak_flops(device: str, precision: str) -> float:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return 2.0 * n**3 / seconds
+
+
+def measure_ceilings(device: str) -> dict[str, float]:
+    """Every ceiling of the device, measured now if not yet: {"bandwidth": B/s, precision: FLOP/s, ...}."""
+    return {"bandwidth": peak_bandwidth(device), **{p: peak_flops(device, p) for p in precisions(device)}}
+
+
+def adopt_ceilings(device: str, ceilings: dict[str, float]) -> None:
+    """Use ceilings that another process of the same run measured (a `measure_ceilings` result), so that every
+    process compares its figures with the same ceilings and none spends its time measuring them again."""
+    unknown = set(ceilings) - {"bandwidth", *precisions(device)}
+    if unknown:
+        raise ValueError(f"unknown ceilings {sorted(unknown)} for {device}: expected bandwidth and "
+                         f"{', '.join(precisions(device))}")
+    _ceilings.update({(device, key): float(value) for key, value in ceilings.items()})
 
 
 def floor_seconds(cost: Cost, device: str, precision: str) -> float:
@@ -170,7 +221,8 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--dtype", choices=sorted(_ITEMSIZE), default="float32", help="dtype of x and the codebook")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="arithmetic of the dot products")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="arithmetic of the dot products (the Triton search: fp16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     itemsize = _ITEMSIZE[args.dtype]
