@@ -1,11 +1,20 @@
-"""Markdown tables from a pytest-benchmark JSON file, for bench/RESULTS.md.
+"""Markdown tables from a pytest-benchmark JSON file, and a GPU report's record in bench/RESULTS.md.
 
     pytest bench --benchmark-only --benchmark-json=bench.json
-    python -m bench.summarize bench.json
+    python -m bench.summarize bench.json                          # prints the tables
+    python -m bench.summarize --gpu-report DIR/report.json        # writes the run into RESULTS.md's GPU section
 """
 
 import argparse
 import json
+from pathlib import Path
+
+from bench.gpu_report import markdown
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+# The GPU section's anchor: each run's record goes right below it (newest first), between markers naming the run.
+GPU_ANCHOR = "<!-- gpu-runs:"
+PLACEHOLDER = "none"  # the run id of the "none yet" text, which the first record replaces
 
 
 def _fmt(value, scale=1.0, digits=3) -> str:
@@ -51,10 +60,55 @@ def target_rows(report: dict) -> list[str]:
     return lines
 
 
+def _markers(run_id: str) -> tuple[str, str]:
+    return f"<!-- gpu-run {run_id} -->", f"<!-- /gpu-run {run_id} -->"
+
+
+def _without_block(text: str, run_id: str) -> str:
+    begin, end = _markers(run_id)
+    if begin not in text:
+        return text
+    head, rest = text.split(begin, 1)
+    return head.rstrip("\n") + "\n\n" + rest.split(end, 1)[1].lstrip("\n")
+
+
+def fill_gpu_section(text: str, run_id: str, block: str) -> str:
+    """RESULTS.md's text with `block` as the record of run `run_id`: where an earlier record of the same run stood,
+    or else first below the GPU section's anchor; the placeholder of an empty section goes."""
+    begin, end = _markers(run_id)
+    record = f"{begin}\n{block.strip()}\n{end}\n"
+    text = _without_block(text, PLACEHOLDER)
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        return head + record + "\n" + rest.split(end, 1)[1].lstrip("\n")
+    lines = text.splitlines(keepends=True)
+    anchor = next((i for i, line in enumerate(lines) if line.startswith(GPU_ANCHOR)), None)
+    if anchor is None:
+        raise ValueError(f"no line starting with {GPU_ANCHOR!r} to put the GPU run under; add one to the GPU section")
+    return "".join(lines[: anchor + 1]) + "\n" + record + "\n" + "".join(lines[anchor + 1:]).lstrip("\n")
+
+
+def write_gpu_run(report_path: Path, results_path: Path) -> None:
+    report = json.loads(Path(report_path).read_text())
+    if report.get("run", {}).get("smoke") or not report.get("environment", {}).get("cuda"):
+        raise SystemExit(f"error: {report_path} is not a GPU run (a --smoke run, or no CUDA device): its figures "
+                         f"measure nothing, and {results_path.name}'s GPU section records GPU runs only")
+    run_id = report["run"]["started"]
+    results_path.write_text(fill_gpu_section(results_path.read_text(), run_id, markdown.results_block(report)))
+    print(f"{results_path}: GPU run of {run_id} written")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("json_file")
+    parser.add_argument("json_file", nargs="?", help="a pytest-benchmark JSON file: print its tables")
+    parser.add_argument("--gpu-report", type=Path, help="a bench.gpu_report report.json: write it into --results")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results file (default: bench/RESULTS.md)")
     args = parser.parse_args(argv)
+    if bool(args.json_file) == bool(args.gpu_report):
+        parser.error("give either a pytest-benchmark JSON file or --gpu-report DIR/report.json")
+    if args.gpu_report:
+        write_gpu_run(args.gpu_report, args.results)
+        return
     with open(args.json_file) as f:
         report = json.load(f)
     print("\n".join(rows(report)))
