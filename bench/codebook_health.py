@@ -18,7 +18,8 @@ compared together.
     python -m bench.codebook_health --plot-only --out runs/health_b16
 
 Variants: `ours` is `VectorQuantizerEMA` as the config builds it (the shipped defaults); `legacy` switches every
-codebook-health fix off (the quantizer as it was before them); `ours-no-<fix>` switches one fix off; `vqp-*` swap
+codebook rule off (an empty rule list, `vqvae.options.LEGACY`); `ours-no-<rule>` switches one rule of
+`vqvae.rules` off (`ABLATIONS`: warmup, memory-floor, lloyd, fit-weight, frame, restarts, proportional); `vqp-*` swap
 vector-quantize-pytorch's `VectorQuantize` into the same model, with its recommended EMA settings
 (`kmeans_init=True, threshold_ema_dead_code=2`, decay 0.99, commitment 0.25) or its plain defaults. That package is
 several times slower on the CPU, so compare the peers at a small batch (16) and say which.
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import sys
 import time
@@ -51,16 +51,18 @@ from torch import nn
 from vqvae.config import Config, load_config
 from vqvae.data import make_datasets, make_loader
 from vqvae.model import build_model, quantizer_kwargs
+from vqvae.options import LEGACY
 from vqvae.quantizer import QuantizerOutput, VectorQuantizerEMA
-from vqvae.train import CodeUsage, evaluate, make_optimizer, make_scheduler, pick_device, train_step
+from vqvae.rules import ABLATIONS
+from vqvae.cli import pick_device
+from vqvae.evaluation import evaluate
+from vqvae.metrics import CodeUsage
+from vqvae.train import make_optimizer, make_scheduler, train_step
 
 SEED_CONFIG = Path(__file__).resolve().parents[1] / "config" / "vqvae_naruto.yaml"
 COLUMNS = ("step", "perplexity", "window_perplexity", "usage", "window_usage", "dead_codes", "recon_loss",
            "vq_loss", "z_spread", "z_mean_shift", "code_mean_gap", "seconds")
 
-# Every codebook-health option of VectorQuantizerEMA, set as it was before them: `legacy` and the `ours-no-*` runs.
-LEGACY = {"ema_warmup": False, "init": "random", "kmeans_iters": 0, "affine_reparam": False,
-          "dead_code_threshold": 1.0}
 
 
 def _ours(**overrides):
@@ -77,11 +79,10 @@ def _vqp(**settings):
 
 VARIANTS = {
     "ours": _ours(),
-    "legacy": _ours(**LEGACY),
-    "ours-no-warmup": _ours(ema_warmup=False),
+    "legacy": _ours(**LEGACY),  # no rule at all (vqvae.options.LEGACY)
+    # the ablation: each rule of vqvae.rules switched off on its own
+    **{f"ours-no-{rule}": _ours(**off) for rule, off in ABLATIONS.items()},
     "ours-warmup10": _ours(ema_warmup_steps=10),
-    "ours-no-kmeans-iters": _ours(kmeans_iters=0),
-    "ours-no-affine": _ours(affine_reparam=False),
     "ours-threshold1": _ours(dead_code_threshold=1.0),
     "ours+kmeans": _ours(init="kmeans++"),
     "ours+cosine": _ours(affine_reparam=False, cosine=True),

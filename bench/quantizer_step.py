@@ -39,7 +39,7 @@ OURS = ("torch", "triton-exact", "triton-fast", "compile-torch", "torch-peer-ema
 PROVIDERS = (*OURS, "vector-quantize-pytorch")
 DECAY, EPS, COMMITMENT = 0.99, 1e-5, 0.25
 LATENTS_PER_IMAGE = 32 * 32
-PEER_EMA = {"ema_warmup": False, "affine_reparam": False, "dead_code_threshold": 0.0}
+PEER_EMA = {"ema_warmup": False, "fit_weight_steps": 1, "affine_reparam": False, "dead_code_threshold": 0.0}
 
 
 def make_forward(provider: str, k: int, d: int, device: str, layers: int | None = None):

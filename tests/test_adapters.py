@@ -61,7 +61,7 @@ def test_parity_with_vector_quantize_pytorch_over_training_steps(backend, device
         torch.testing.assert_close(quantized, peer_quantized, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss.reshape(()), peer_loss.reshape(()), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.codebook, peer._codebook.embed[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.quantizer.cluster_size, peer._codebook.cluster_size[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.quantizer.book.cluster_size, peer._codebook.cluster_size[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -90,19 +90,19 @@ def test_parity_with_vector_quantize_pytorch_when_dead_codes_restart(backend, de
         torch.testing.assert_close(loss.reshape(()), peer_loss.reshape(()), rtol=1e-5, atol=1e-6)
         # Every count matches, the restarted codes' included (the package restarts a code with the threshold as
         # its count). The restarted codes, those whose blended count fell under 2, lie on batch rows in both.
-        torch.testing.assert_close(ours.quantizer.cluster_size, peer._codebook.cluster_size[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.quantizer.book.cluster_size, peer._codebook.cluster_size[0], rtol=1e-5, atol=1e-5)
         counts = torch.bincount(peer_indices.reshape(-1), minlength=CODES).float()
         restarted = 0.8 * size_before + 0.2 * counts < 2.0
         restarted_any |= bool(restarted.any())
         on_rows = (ours.codebook[restarted][:, None] == x.reshape(-1, DIM)[None]).all(dim=-1).any(dim=1)
-        assert on_rows.all() and bool((ours.quantizer.cluster_size[restarted] == 2.0).all())
+        assert on_rows.all() and bool((ours.quantizer.book.cluster_size[restarted] == 2.0).all())
         kept = ~restarted
         torch.testing.assert_close(ours.codebook[kept], peer._codebook.embed[0][kept], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.quantizer.embed_sum[kept], peer._codebook.embed_avg[0][kept], rtol=1e-5,
+        torch.testing.assert_close(ours.quantizer.book.embed_sum[kept], peer._codebook.embed_avg[0][kept], rtol=1e-5,
                                    atol=1e-5)
         with torch.no_grad():  # hand over the package's random draws, so the next step starts from one state
             ours.quantizer.codebook.copy_(peer._codebook.embed[0])
-            ours.quantizer.embed_sum.copy_(peer._codebook.embed_avg[0])
+            ours.quantizer.book.embed_sum.copy_(peer._codebook.embed_avg[0])
     assert restarted_any, "the test should exercise restarts"
 
 
@@ -219,8 +219,8 @@ def test_residual_vq_parity_with_vector_quantize_pytorch_over_training_steps(bac
         for layer in range(layers):
             theirs, mine = peer.layers[layer]._codebook, ours.quantizer.layer(layer)
             torch.testing.assert_close(mine.codebook, theirs.embed[0], rtol=1e-5, atol=2e-7)
-            torch.testing.assert_close(mine.cluster_size, theirs.cluster_size[0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(mine.embed_sum, theirs.embed_avg[0], rtol=1e-5, atol=5e-7)
+            torch.testing.assert_close(mine.book.cluster_size, theirs.cluster_size[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.book.embed_sum, theirs.embed_avg[0], rtol=1e-5, atol=5e-7)
 
 
 def test_residual_vq_parity_with_projections_masks_and_all_codes():

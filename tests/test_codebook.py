@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from kernels import reference
-from vqvae.codebook import INIT_STEPS, MOMENT_ROWS, MOMENT_STEPS
+from vqvae.options import LEGACY
+from vqvae.rules import LloydFit, MovingFrame
 from vqvae.seeding import draw_in_proportion, kmeans_plus_plus
 from vqvae.quantizer import VectorQuantizerEMA
 
 BACKENDS = ["torch", "triton"]
-# every health option off: the quantizer as it was before them
-LEGACY = dict(ema_warmup=False, init="random", affine_reparam=False)
+INIT_STEPS = 16  # the default fit weight (fit_weight_steps)
+MOMENT_STEPS, MOMENT_ROWS = MovingFrame.STEPS, MovingFrame.ROWS
 
 
 def _clusters(num, dim, separation, device, generator=None):
@@ -27,16 +28,16 @@ def test_warmup_decay_rises_from_near_zero_to_the_configured_decay(device):
     quantizer = VectorQuantizerEMA(8, 4, decay=0.99).to(device)  # (1 + t) / (200 + t), at most 0.99
     expected = {0: 0.005, 198: 0.5, 600: 601 / 800, 19700: 0.99, 50000: 0.99}
     for steps, decay in expected.items():
-        quantizer.ema_steps.fill_(steps)
-        assert quantizer.current_decay().device.type == torch.device(device).type
-        assert abs(quantizer.current_decay().item() - decay) < 1e-6, steps
+        quantizer.book.ema_steps.fill_(steps)
+        assert quantizer.book.current_decay().device.type == torch.device(device).type
+        assert abs(quantizer.book.current_decay().item() - decay) < 1e-6, steps
     quantizer = VectorQuantizerEMA(8, 4, decay=0.99, ema_warmup_steps=10).to(device)
-    quantizer.ema_steps.fill_(80)
-    assert abs(quantizer.current_decay().item() - 0.9) < 1e-6
+    quantizer.book.ema_steps.fill_(80)
+    assert abs(quantizer.book.current_decay().item() - 0.9) < 1e-6
     quantizer = VectorQuantizerEMA(8, 4, decay=0.99, ema_warmup=False).to(device)
-    assert abs(quantizer.current_decay().item() - 0.99) < 1e-7
+    assert abs(quantizer.book.current_decay().item() - 0.99) < 1e-7
     for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="ema_warmup_steps must be an int >= 1"):
+        with pytest.raises(ValueError, match="ema_warmup_steps must be (an int >= 1|int, got)"):
             VectorQuantizerEMA(8, 4, ema_warmup_steps=bad)
 
 
@@ -90,7 +91,7 @@ def test_kmeans_plus_plus_spreads_codes_over_separated_clusters(device):
     assert sorted(covered.tolist()) == list(range(16))
     for init, want_all in (("kmeans++", True), ("random", False)):
         quantizer = VectorQuantizerEMA(16, 8, backend="torch", init=init).to(device)
-        quantizer.initialise_(rows)
+        quantizer.book.initialise_(rows)
         reached = set(reference.nearest_code(quantizer.codebook, centres)[0].tolist())
         assert (len(reached) == 16) == want_all, (init, len(reached))
 
@@ -106,20 +107,20 @@ def test_kmeans_iterations_put_each_code_on_its_clusters_mean_with_its_count(dev
     means = torch.stack([part.mean(dim=0) for part in rows.split(sizes)])
     for iters in (10, 0):
         quantizer = VectorQuantizerEMA(8, 6, backend="torch", init="kmeans++", kmeans_iters=iters).to(device)
-        quantizer.initialise_(rows)
+        quantizer.book.initialise_(rows)
         cluster = reference.nearest_code(quantizer.codebook, centres)[0]
         assert sorted(cluster.tolist()) == list(range(8))
         gap = (quantizer.codebook - means[cluster]).norm(dim=1).max().item()
         if iters:
             assert gap < 1e-4, gap
-            assert quantizer.recent_count.tolist() == [float(sizes[c]) for c in cluster.tolist()]
+            assert quantizer.book.recent_count.tolist() == [float(sizes[c]) for c in cluster.tolist()]
             # the warm-up's EMA takes the fit as INIT_STEPS steps of its rows
-            torch.testing.assert_close(quantizer.cluster_size, quantizer.recent_count * INIT_STEPS)
-            torch.testing.assert_close(quantizer.embed_sum, quantizer.codebook * quantizer.cluster_size[:, None])
+            torch.testing.assert_close(quantizer.book.cluster_size, quantizer.book.recent_count * INIT_STEPS)
+            torch.testing.assert_close(quantizer.book.embed_sum, quantizer.codebook * quantizer.book.cluster_size[:, None])
         else:
             assert gap > 0.05, gap  # a single row sits ~0.05 * sqrt(6) from its cluster's mean
     for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="kmeans_iters must be an int >= 0"):
+        with pytest.raises(ValueError, match="kmeans_iters must be (an int >= 0|int, got)"):
             VectorQuantizerEMA(8, 6, kmeans_iters=bad)
 
 
@@ -133,7 +134,7 @@ def test_kmeans_moves_the_codes_it_would_leave_dead_into_the_most_used_ones(back
     far = 1000.0 * torch.cat([torch.eye(4, device=device), -torch.eye(4, device=device)])
     with torch.no_grad():
         quantizer.codebook.copy_(torch.cat([rows[:8], far]))
-        counts = quantizer._lloyd_(rows)
+        counts = LloydFit(quantizer.options.kmeans_iters)._fit_(quantizer.book, rows)
     assert (counts >= 2.0).all(), counts
     assert counts.sum().item() == rows.shape[0]
     assert (quantizer.codebook.norm(dim=1) < 20.0).all(), "a code stayed away from the data"
@@ -144,10 +145,10 @@ def test_the_warmup_keeps_sixteen_rows_per_code_in_the_average_at_small_batches(
     that drew under the threshold dead): the decay is raised to 1 - rows / (K * 16)."""
     quantizer = VectorQuantizerEMA(8, 4, decay=0.99).to(device)
     rows = lambda n: torch.tensor(float(n), device=device)  # noqa: E731
-    assert abs(quantizer.current_decay(rows(32)).item() - 0.75) < 1e-6  # 32 rows = 4 per code
-    assert abs(quantizer.current_decay(rows(10 ** 6)).item() - 0.005) < 1e-6  # many rows: the warm-up's own
-    quantizer.ema_steps.fill_(10 ** 5)
-    assert abs(quantizer.current_decay(rows(1)).item() - 0.99) < 1e-6  # never above `decay`
+    assert abs(quantizer.book.current_decay(rows(32)).item() - 0.75) < 1e-6  # 32 rows = 4 per code
+    assert abs(quantizer.book.current_decay(rows(10 ** 6)).item() - 0.005) < 1e-6  # many rows: the warm-up's own
+    quantizer.book.ema_steps.fill_(10 ** 5)
+    assert abs(quantizer.book.current_decay(rows(1)).item() - 0.99) < 1e-6  # never above `decay`
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -168,10 +169,10 @@ def test_dead_codes_are_reseeded_where_the_most_used_codes_are(backend, device):
         quantizer.codebook.copy_(-100.0 + torch.randn(num_codes, dim, device=device))
         quantizer.codebook[0] = heavy.mean(dim=0)
         quantizer.codebook[1:65] = light
-        quantizer.cluster_size.fill_(0.01)
-        quantizer.cluster_size[0], quantizer.cluster_size[1:65] = 960.0, 2.0
-        quantizer.recent_count.copy_(quantizer.cluster_size)
-        quantizer.embed_sum.copy_(quantizer.codebook * quantizer.cluster_size[:, None])
+        quantizer.book.cluster_size.fill_(0.01)
+        quantizer.book.cluster_size[0], quantizer.book.cluster_size[1:65] = 960.0, 2.0
+        quantizer.book.recent_count.copy_(quantizer.book.cluster_size)
+        quantizer.book.embed_sum.copy_(quantizer.codebook * quantizer.book.cluster_size[:, None])
     out = quantizer(rows)
     assert out.dead_codes.item() == num_codes - 65
     reseeded = quantizer.codebook[65:]
@@ -204,7 +205,7 @@ def test_no_two_codes_are_seeded_on_the_same_vector_while_the_batch_allows(init,
     rows = torch.randn(1023, 5, device=device)
     rows[500:] = rows[0]
     quantizer = VectorQuantizerEMA(300, 5, backend="torch", init=init).to(device)
-    quantizer.initialise_(rows)
+    quantizer.book.initialise_(rows)
     assert len(set(map(tuple, quantizer.codebook.tolist()))) == 300
 
 
@@ -247,12 +248,10 @@ def test_the_frame_averages_over_batches_instead_of_chasing_each_ones_content(de
     """Fixed clusters, batches of varying content, and a slow codebook (decay 0.99, no warm-up, no restarts), so
     that the frame is what moves the codes: averaged over 8 batches it leaves them near their clusters; following
     each batch alone (the frame of before) drags every code by the batch's difference of content."""
-    import vqvae.codebook as codebook  # noqa: PLC0415
-
-    error, default = {}, codebook.MOMENT_STEPS
+    error, default = {}, MovingFrame.STEPS
     for moment_steps in (default, 1):
-        monkeypatch.setattr(codebook, "MOMENT_STEPS", moment_steps)
-        monkeypatch.setattr(codebook, "MOMENT_ROWS", 1 if moment_steps == 1 else codebook.MOMENT_ROWS)
+        monkeypatch.setattr(MovingFrame, "STEPS", moment_steps)
+        monkeypatch.setattr(MovingFrame, "ROWS", 1 if moment_steps == 1 else MOMENT_ROWS)
         ratios = []
         for _ in range(3):
             centres = torch.randn(16, 8, device=device) * 4
@@ -277,7 +276,7 @@ def test_a_batch_weighs_in_the_frame_by_its_rows_up_to_one_in_moment_steps(devic
         batch = 3.0 + torch.randn(rows, 4, device=device)
         quantizer(batch)
         expected = (1 - weight) * first.mean(dim=0) + weight * batch.mean(dim=0)
-        torch.testing.assert_close(quantizer.data_mean, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(quantizer.book.data_mean, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -291,10 +290,10 @@ def test_at_a_small_batch_the_first_fit_holds_its_place_and_unused_codes_die_as_
     centres = _clusters(num_codes, dim, 50.0, device)
     quantizer = VectorQuantizerEMA(num_codes, dim, backend=backend, init="kmeans++", affine_reparam=False,
                                    dead_code_threshold=2.0).to(device)
-    quantizer.initialise_(_around(centres, 4, 0.1, device))
-    assert quantizer.recent_count.tolist() == [4.0] * num_codes  # a code on each cluster
-    torch.testing.assert_close(quantizer.cluster_size, torch.full_like(quantizer.cluster_size, 4.0 * INIT_STEPS))
-    decay = quantizer.current_decay(torch.tensor(4.0 * num_codes, device=device)).item()
+    quantizer.book.initialise_(_around(centres, 4, 0.1, device))
+    assert quantizer.book.recent_count.tolist() == [4.0] * num_codes  # a code on each cluster
+    torch.testing.assert_close(quantizer.book.cluster_size, torch.full_like(quantizer.book.cluster_size, 4.0 * INIT_STEPS))
+    decay = quantizer.book.current_decay(torch.tensor(4.0 * num_codes, device=device)).item()
     assert abs(decay - 0.75) < 1e-6
     fit, used = quantizer.codebook.clone(), torch.arange(num_codes // 2, device=device)
     shift = torch.full((dim,), 0.5, device=device)
@@ -367,7 +366,7 @@ def test_a_codebook_trained_without_the_frame_takes_it_up_without_a_jump(device)
     before = framed.codebook.clone()
     framed(before.repeat(4, 1))  # rows on their codes: the codebook stays where it was
     torch.testing.assert_close(framed.codebook, before, rtol=1e-5, atol=1e-5)
-    assert framed.data_sq_mean.sum() > 0, "the frame is measured now"
+    assert framed.book.data_sq_mean.sum() > 0, "the frame is measured now"
 
 
 @pytest.mark.parametrize("affine", [False, True])
@@ -376,10 +375,10 @@ def test_a_state_saved_before_the_health_buffers_loads_as_a_trained_codebook(aff
     codebook = torch.randn(8, 4, device=device)
     quantizer.load_state_dict({"codebook": codebook, "cluster_size": torch.full((8,), 3.0, device=device),
                                "embed_sum": codebook * 3.0, "initialized": torch.tensor(True)})
-    assert abs(quantizer.current_decay().item() - 0.99) < 1e-6, "a trained codebook is past its warm-up"
+    assert abs(quantizer.book.current_decay().item() - 0.99) < 1e-6, "a trained codebook is past its warm-up"
     assert not quantizer.dead_codes().any()
     before = quantizer.codebook.clone()
     quantizer(before.repeat(3, 1))  # its rows sit on its codes: the codebook does not move (the first moments
     torch.testing.assert_close(quantizer.codebook, before, rtol=1e-5, atol=1e-5)  # measured move no code)
     if affine:
-        torch.testing.assert_close(quantizer.moments()[0], before.mean(dim=0))
+        torch.testing.assert_close(MovingFrame.moments(quantizer.book)[0], before.mean(dim=0))

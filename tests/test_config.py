@@ -68,7 +68,7 @@ def test_an_int_or_yaml_exponent_string_is_a_valid_float(tmp_path):
 @pytest.mark.parametrize("text, match", [
     ("wandb:\n  mode: sometimes\n", r"wandb\.mode must be one of online, offline, disabled"),
     ("data:\n  image_size: 126\n", r"data\.image_size \(126\) must be divisible"),
-    ("quantizer:\n  decay: 1.0\n", r"quantizer\.decay must lie strictly between 0 and 1"),
+    ("quantizer:\n  decay: 1.0\n", r"quantizer\.decay must be a float in \[0\.0, 1\.0\), got 1\.0"),
     ("train:\n  batch_size: 0\n", r"train\.batch_size must be positive"),
     ("data:\n  source: folder\n", r"data\.path must name an image folder"),
 ])

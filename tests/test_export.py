@@ -118,7 +118,7 @@ def test_a_bad_config_or_source_is_refused_by_name(tmp_path, monkeypatch):
     config["quantizer"]["decay"] = 2.0
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(PretrainedError, match=f"cannot build VQVAE from {folder / 'config.json'}: "
-                                              "quantizer.decay must lie strictly between 0 and 1"):
+                                              r"quantizer.decay must be a float in \[0\.0, 1\.0\)"):
         VQVAE.from_pretrained(folder)
     (folder / "config.json").unlink()
     with pytest.raises(PretrainedError, match=f"{folder / 'config.json'} not found"):

@@ -76,7 +76,7 @@ def test_half_precision_input_keeps_fp32_state(backend, device):
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
             out = quantizer(x)
         assert out.quantized.dtype == dtype and out.loss.dtype == torch.float32
-        assert all(b.dtype == torch.float32 for b in (quantizer.codebook, quantizer.embed_sum, quantizer.cluster_size))
+        assert all(b.dtype == torch.float32 for b in (quantizer.codebook, quantizer.book.embed_sum, quantizer.book.cluster_size))
         assert torch.isfinite(quantizer.codebook).all()
     quantizer.eval()
     out = quantizer(x)
@@ -89,14 +89,14 @@ def test_first_training_batch_initialises_the_codebook(init, device):
     # kmeans_iters=0: the seeds themselves (Lloyd iterations would move them to means of rows).
     quantizer = VectorQuantizerEMA(16, 4, backend="torch", init=init, kmeans_iters=0, dead_code_threshold=0.0
                                    ).to(device)
-    assert not quantizer.initialized
+    assert not quantizer.book.initialized
     x = torch.randn(64, 4, device=device)
     quantizer.eval()(x)
-    assert not quantizer.initialized, "eval mode must not initialise"
+    assert not quantizer.book.initialized, "eval mode must not initialise"
     seen = {}
-    quantizer.initialise_ = _spy(quantizer.initialise_, lambda: seen.setdefault("codes", quantizer.codebook.clone()))
+    quantizer.book.initialise_ = _spy(quantizer.book.initialise_, lambda: seen.setdefault("codes", quantizer.codebook.clone()))
     quantizer.train()(x)
-    assert quantizer.initialized and quantizer.ema_steps == 1
+    assert quantizer.book.initialized and quantizer.book.ema_steps == 1
     # Every code started as a distinct row of the batch, and the EMA state as `seed` copies of it.
     is_row = (seen["codes"][:, None, :] == x[None]).all(dim=-1)
     assert is_row.any(dim=1).all() and len({int(i) for i in is_row.float().argmax(dim=1)}) == 16
@@ -139,12 +139,12 @@ def test_ema_follows_the_reference_update(backend, device):
     quantizer = VectorQuantizerEMA(32, 8, decay=0.9, backend=backend, dead_code_threshold=0.0,
                                    ema_warmup=False, affine_reparam=False).to(device)
     quantizer(torch.randn(4, 8, 6, 6, device=device))
-    state = tuple(t.clone() for t in (quantizer.cluster_size, quantizer.embed_sum, quantizer.codebook))
+    state = tuple(t.clone() for t in (quantizer.book.cluster_size, quantizer.book.embed_sum, quantizer.codebook))
     x = torch.randn(4, 8, 6, 6, device=device)
     out = quantizer(x)
     rows = x.permute(0, 2, 3, 1).reshape(-1, 8)
     counts = reference.ema_update_(rows, out.indices.reshape(-1), *state, 0.9, 1e-5)
-    for got, want in zip((quantizer.cluster_size, quantizer.embed_sum, quantizer.codebook), state):
+    for got, want in zip((quantizer.book.cluster_size, quantizer.book.embed_sum, quantizer.codebook), state):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     probs = counts / counts.sum()
     expected = torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum())
@@ -157,15 +157,15 @@ def test_dead_codes_are_reseeded_from_the_batch(backend, device):
     quantizer = VectorQuantizerEMA(8, 4, backend=backend, dead_code_threshold=1.0).to(device)
     x = torch.randn(64, 4, device=device)
     quantizer(x)
-    quantizer.recent_count[[2, 5]] = 0.01  # two codes long unused
-    quantizer.cluster_size[[2, 5]] = 0.01
+    quantizer.book.recent_count[[2, 5]] = 0.01  # two codes long unused
+    quantizer.book.cluster_size[[2, 5]] = 0.01
     quantizer.codebook[[2, 5]] = 1e3  # and far from everything, so the batch cannot revive them
     out = quantizer(x)
     assert out.dead_codes.item() == 2
     is_a_row = (quantizer.codebook[[2, 5]][:, None, :] == x[None]).all(dim=-1).any(dim=-1)
     assert is_a_row.all(), "dead codes must be re-seeded from batch rows"
-    assert (quantizer.cluster_size >= 1.0).all()
-    torch.testing.assert_close(quantizer.embed_sum[[2, 5]], quantizer.codebook[[2, 5]] * quantizer.cluster_size[[2, 5], None])
+    assert (quantizer.book.cluster_size >= 1.0).all()
+    torch.testing.assert_close(quantizer.book.embed_sum[[2, 5]], quantizer.codebook[[2, 5]] * quantizer.book.cluster_size[[2, 5], None])
 
 
 def test_backends_agree_over_training_steps(device):
@@ -189,7 +189,7 @@ def test_backends_agree_over_training_steps(device):
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.perplexity, b.perplexity, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(q_t.codebook, q_k.codebook, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(q_t.cluster_size, q_k.cluster_size, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q_t.book.cluster_size, q_k.book.cluster_size, rtol=1e-5, atol=1e-5)
     assert outs_t[-1].perplexity > 11, "all 12 centres in use"
 
 
@@ -210,7 +210,7 @@ def test_state_dict_round_trip(backend, device):
     quantizer = _trained_quantizer(backend, device)
     clone = VectorQuantizerEMA(32, 8, backend=backend).to(device)
     clone.load_state_dict(quantizer.state_dict())
-    assert clone.initialized and clone._initialized
+    assert clone.book.initialized and clone.book._initialized
     x = torch.randn(2, 8, 4, 4, device=device)
     assert torch.equal(quantizer(x).quantized, clone.eval()(x).quantized)
     # Already initialised: the clone trains on from the loaded state (warm-up clock included) exactly as the
@@ -241,7 +241,7 @@ def test_non_finite_inputs_match_no_code_and_spare_the_codebook(backend, device)
     finite[[5, 9]] = False
     assert (out.indices[~finite] == -1).all() and (out.indices[finite] >= 0).all()
     assert out.quantized[[5, 9]].isnan().all() and out.loss.isnan()
-    for buffer in (quantizer.codebook, quantizer.embed_sum, quantizer.cluster_size):
+    for buffer in (quantizer.codebook, quantizer.book.embed_sum, quantizer.book.cluster_size):
         assert torch.isfinite(buffer).all(), "non-finite rows leaked into the EMA state"
 
 
@@ -251,7 +251,7 @@ def test_first_batch_with_nan_is_rejected_before_initialising(device):
     x[0, 0] = float("nan")
     with pytest.raises(ValueError, match="first training batch holds NaN or inf"):
         quantizer(x)
-    assert not quantizer.initialized
+    assert not quantizer.book.initialized
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -283,14 +283,17 @@ def test_explicit_layout_resolves_the_ambiguous_shape(device):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"num_codes": 0}, "num_codes must be a positive int"),
+    ({"num_codes": 0}, "num_codes must be an int >= 1, got 0"),
+    ({"num_codes": 8.0}, "num_codes must be int, got float"),
     ({"dim": 2.5}, "dim and codebook_dim must be positive ints"),
-    ({"codebook_dim": 0}, "codebook_dim must be a positive int or None"),
+    ({"codebook_dim": -2}, "codebook_dim must be an int >= 1"),
+    ({"codebook_dim": "8"}, "codebook_dim must be int or None, got str"),
     ({"init": "kmeans"}, "init must be one of"),
-    ({"restart_count": 0.0}, "restart_count must be positive"),
+    ({"restart_count": 0.0}, r"restart_count must be a float > 0\.0"),
     ({"affine_reparam": True, "cosine": True}, "affine_reparam and cosine exclude each other"),
-    ({"decay": 1.0}, r"decay must be in \[0, 1\)"),
-    ({"eps": -1.0}, "eps must be positive"),
+    ({"decay": 1.0}, r"decay must be a float in \[0\.0, 1\.0\)"),
+    ({"eps": -1.0}, r"eps must be a float > 0\.0"),
+    ({"ema_warmup": 1}, "ema_warmup must be bool, got int"),
     ({"backend": "cuda"}, "backend must be one of"),
     ({"precision": "tf32"}, "precision must be one of"),
     ({"layout": "nhwc"}, "layout must be one of"),

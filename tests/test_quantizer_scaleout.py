@@ -39,7 +39,7 @@ def test_masked_positions_stay_out_of_loss_and_statistics(backend, device):
     torch.testing.assert_close(out.perplexity, ref.perplexity)
     assert torch.equal(out.indices[mask], ref.indices)
     for name in ("codebook", "cluster_size", "embed_sum"):
-        torch.testing.assert_close(getattr(q_masked, name), getattr(q_kept, name), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(getattr(q_masked.book, name), getattr(q_kept.book, name), rtol=1e-6, atol=1e-6)
 
 
 def test_bad_mask_is_named():
@@ -67,7 +67,7 @@ def test_accumulated_micro_batches_make_one_ema_step(backend, device):
     assert step.dead_codes == ref.dead_codes
     assert torch.equal(torch.cat([o.indices for o in outs]), ref.indices)
     for name in ("codebook", "cluster_size", "embed_sum"):
-        torch.testing.assert_close(getattr(accumulated, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(getattr(accumulated.book, name), getattr(whole.book, name), rtol=1e-5, atol=1e-6)
 
 
 def test_accumulated_micro_batches_move_the_frame_each_but_average_once(device):
@@ -75,14 +75,14 @@ def test_accumulated_micro_batches_move_the_frame_each_but_average_once(device):
     the EMA counts and sums take one step, when the block ends."""
     quantizer = _fixed_start(VectorQuantizerEMA(K, D, dead_code_threshold=0.0).to(device))
     quantizer(_batch(0, 0).to(device))  # measures the moments once
-    sizes, steps = quantizer.cluster_size.clone(), quantizer.ema_steps.clone()
+    sizes, steps = quantizer.book.cluster_size.clone(), quantizer.book.ema_steps.clone()
     with quantizer.accumulate():
         for rank in range(3):
             codes = quantizer.codebook.clone()
             quantizer(_batch(1, rank).to(device) * (2 + rank))
             assert not torch.equal(quantizer.codebook, codes), "the frame follows each micro-batch"
-            assert torch.equal(quantizer.cluster_size, sizes) and torch.equal(quantizer.ema_steps, steps)
-    assert quantizer.ema_steps == steps + 1 and not torch.equal(quantizer.cluster_size, sizes)
+            assert torch.equal(quantizer.book.cluster_size, sizes) and torch.equal(quantizer.book.ema_steps, steps)
+    assert quantizer.book.ema_steps == steps + 1 and not torch.equal(quantizer.book.cluster_size, sizes)
 
 
 def test_accumulate_blocks_do_not_nest():

@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 from kernels import reference
 from vqvae.quantizer import VectorQuantizerEMA
-from vqvae.residual import ResidualQuantizerOutput, ResidualVectorQuantizerEMA, layer_code_counts
+from vqvae.metrics import layer_code_counts
+from vqvae.residual import ResidualQuantizerOutput, ResidualVectorQuantizerEMA
 
 BACKENDS = ["torch", "triton"]
 DIM, CODES = 12, 24
@@ -98,8 +99,8 @@ def test_shared_codebook_takes_one_ema_step_with_every_layers_statistics(backend
     x = torch.randn(3, 11, DIM, device=device)
     found = stack(x)  # eval: the codes every layer finds against the codebook as it is
     shared = stack.layers[0]
-    cluster_size, embed_sum, codebook = (t.clone() for t in (shared.cluster_size, shared.embed_sum, shared.codebook))
-    steps_before = int(shared.ema_steps)
+    cluster_size, embed_sum, codebook = (t.clone() for t in (shared.book.cluster_size, shared.book.embed_sum, shared.codebook))
+    steps_before = int(shared.book.ema_steps)
     rows, indices = [], []
     residual = x.reshape(-1, DIM)
     for layer in range(3):
@@ -108,11 +109,11 @@ def test_shared_codebook_takes_one_ema_step_with_every_layers_statistics(backend
         indices.append(picked)
         residual = residual - codebook[picked]
     counts, sums = reference.code_stats(torch.cat(rows), torch.cat(indices), CODES)
-    reference.ema_blend_(cluster_size, embed_sum, codebook, counts, sums, 0.8, shared.eps)
+    reference.ema_blend_(cluster_size, embed_sum, codebook, counts, sums, 0.8, shared.options.eps)
     out = stack.train()(x)
     assert torch.equal(out.indices, found.indices)
-    assert int(shared.ema_steps) == steps_before + 1, "one EMA step for the three layers"
-    torch.testing.assert_close(shared.cluster_size, cluster_size, rtol=1e-5, atol=1e-5)
+    assert int(shared.book.ema_steps) == steps_before + 1, "one EMA step for the three layers"
+    torch.testing.assert_close(shared.book.cluster_size, cluster_size, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared.codebook, codebook, rtol=1e-5, atol=1e-5)
     assert out.dead_codes.shape == (3,) and bool((out.dead_codes == out.dead_codes[0]).all())
 
@@ -201,7 +202,7 @@ def test_accumulate_takes_one_step_as_for_the_whole_batch(shared):
     assert torch.equal(torch.cat([a.indices, b.indices]), whole.indices)
     for x, y in zip(stack.layers, twin.layers):
         torch.testing.assert_close(x.codebook, y.codebook)
-        assert int(x.ema_steps) == int(y.ema_steps)
+        assert int(x.book.ema_steps) == int(y.book.ema_steps)
     assert step.dead_codes.shape == (3,)
     with pytest.raises(RuntimeError, match="cannot be nested"), stack.accumulate(), stack.accumulate():
         pass
@@ -234,10 +235,10 @@ def test_layer_code_counts():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_quantizers=0), "num_quantizers must be a positive int"),
-    (dict(num_quantizers=3, min_layers=4), r"min_layers must be an int in \[1, num_quantizers=3\]"),
+    (dict(num_quantizers=0), "num_quantizers must be an int >= 1"),
+    (dict(num_quantizers=3, min_layers=4), r"min_layers must be at most num_quantizers=3"),
     (dict(num_quantizers=2, layout="nchw"), "layout must be one of"),
-    (dict(num_quantizers=2, decay=1.5), "decay must be in"),
+    (dict(num_quantizers=2, decay=1.5), r"decay must be a float in \[0\.0, 1\.0\)"),
 ])
 def test_bad_arguments_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):

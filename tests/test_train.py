@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import vqvae.checkpoint as checkpoint
 import vqvae.train as train_module
@@ -198,12 +199,52 @@ def test_more_loader_workers_than_cpus_are_lowered_once_with_a_note(tmp_path, mo
     assert not [str(w.message) for w in caught if "worker" in str(w.message)]
 
 
-def test_resume_refuses_a_different_model(tmp_path):
+@pytest.mark.parametrize("key, value, named", [
+    ("num_codes", 32, r"quantizer\.codebook is \[64, 16\] in the file but \[32, 16\] in the model"),
+    ("codebook_dim", 8, r"missing from the file: quantizer\.project_in\.weight"),
+])
+def test_resume_refuses_a_different_model(tmp_path, key, value, named):
+    """Compared by the tensors' names and shapes, so every setting that changes them is caught (codebook_dim was
+    not, when the check listed config keys by hand)."""
     train(tiny_config(tmp_path / "run", max_steps=2))
     cfg = tiny_config(tmp_path / "run", max_steps=4)
-    cfg.quantizer.num_codes = 32
-    with pytest.raises(ConfigError, match=r"quantizer\.num_codes is 32 in the config but 64 in the checkpoint"):
+    setattr(cfg.quantizer, key, value)
+    with pytest.raises(ConfigError, match=r"cannot resume from .*ckpt_0000002\.pt: .*" + named):
         train(cfg)
+
+
+def test_resume_may_switch_a_codebook_rule(tmp_path):
+    train(tiny_config(tmp_path / "run", max_steps=2))
+    cfg = tiny_config(tmp_path / "run", max_steps=3)
+    cfg.quantizer.affine_reparam, cfg.quantizer.fit_weight_steps = False, 1  # their state is dropped
+    assert train(cfg)["final_step"] == 3
+
+
+def test_an_unreadable_newest_checkpoint_is_skipped_with_a_word(tmp_path, capsys):
+    """A new user's case: 5 kB of garbage named as the newest checkpoint. The run resumes from the newest one
+    that reads, naming the file it skipped; with none readable, one line names the files and what to do."""
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, max_steps=2, ckpt_every=1, keep_last=5))
+    (run_dir / "ckpt_0000100.pt").write_bytes(os.urandom(5000))
+    capsys.readouterr()
+    summary = train(tiny_config(run_dir, max_steps=3, ckpt_every=1, keep_last=5))
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "ckpt_0000100.pt" in captured.err
+    assert "resuming from" in captured.out and "ckpt_0000002.pt" in captured.out
+    assert summary["steps"] == 1 and summary["final_step"] == 3
+    for path in run_dir.glob("ckpt_*.pt"):
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(_write_config(tmp_path, tiny_config(run_dir, max_steps=5))), "--resume"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: no readable checkpoint in") and "ckpt_0000100.pt" in err and "--resume PATH" in err
+
+
+def _write_config(tmp_path: Path, cfg: Config) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    return path
 
 
 def test_a_finished_run_does_nothing_and_never_refuses_to_overwrite(tmp_path, capsys):

@@ -109,7 +109,7 @@ def test_one_quantizer_is_the_model_of_before():
     residual = build_model(cfg).quantizer
     assert isinstance(residual, ResidualVectorQuantizerEMA) and len(residual.layers) == 3
     assert residual.layout == "channels_first"
-    assert residual.layer(2).commitment_weight == cfg.quantizer.commitment_weight
+    assert residual.layer(2).options.commitment_weight == cfg.quantizer.commitment_weight
 
 
 @pytest.mark.parametrize("key", ["shared_codebook", "layer_dropout"])

@@ -43,7 +43,7 @@ class VectorQuantize(nn.Module):
         out = self.quantizer(x, mask=mask)
         quantized, indices = out.quantized, out.indices
         if mask is not None:  # as that package does: zeros and index -1 at the padding
-            grid_mask = mask.unsqueeze(1 if self.quantizer.layout == "channels_first" else -1)
+            grid_mask = mask.unsqueeze(1 if self.quantizer.options.layout == "channels_first" else -1)
             quantized = torch.where(grid_mask, quantized, 0.0)
             indices = torch.where(mask, indices, -1)
         return quantized, indices, out.loss
@@ -60,7 +60,7 @@ class VectorQuantize(nn.Module):
 def _as_that_package(threshold_ema_dead_code: float) -> dict:
     """Our EMA options that reproduce vector-quantize-pytorch's: a constant decay, codes averaged in the data's own
     coordinates, and a dead code re-seeded with the threshold as its count."""
-    return dict(ema_warmup=False, affine_reparam=False,
+    return dict(ema_warmup=False, fit_weight_steps=1, affine_reparam=False,
                 restart_count=threshold_ema_dead_code if threshold_ema_dead_code > 0 else None)
 
 

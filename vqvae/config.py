@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from vqvae.options import OptionError, QuantizerOptions, ResidualOptions, config_fields
+
 
 class ConfigError(ValueError):
     pass
@@ -48,26 +50,15 @@ class ModelConfig:
     embedding_dim: int = 256
 
 
-@dataclass
-class QuantizerConfig:
-    num_codes: int = 4096
-    decay: float = 0.99
-    eps: float = 1e-5
-    commitment_weight: float = 0.25
-    backend: str = "auto"  # "auto" (triton on CUDA, torch on CPU), "triton" or "torch"
-    precision: str = "exact"  # "exact" or "fast"
-    ema_warmup: bool = True  # EMA decay min(decay, (1 + t) / (W + t)) at step t: the codebook follows early drift
-    ema_warmup_steps: int = 200  # W of the warm-up: the codebook's memory grows by a step every W steps
-    init: str = "random"  # codes seeded from the first batch as "random" rows or by "kmeans++"
-    kmeans_iters: int = 10  # Lloyd iterations on the first batch after the seeding
-    affine_reparam: bool = True  # codes kept in the frame of the data's running moments: they follow its drift
-    codebook_dim: int = 0  # search a learned projection to this many features; 0 = model.embedding_dim itself
-    cosine: bool = False  # l2-normalised vectors and codes: nearest = most similar direction
-    dead_code_threshold: float = 1.0  # EMA count under which a code is re-seeded from the batch; 0 = off
-    deterministic: bool = False
-    num_quantizers: int = 1  # residual VQ layers, each quantizing what the ones before it left; 1 = a single quantizer
-    shared_codebook: bool = False  # residual VQ: one codebook for every layer
-    layer_dropout: bool = False  # residual VQ: each training batch uses only the first q layers, q drawn uniformly
+def _options_section(name: str, *options_classes) -> type:
+    """A config section made of the YAML keys of options dataclasses (`vqvae.options`): their one source."""
+    fields = [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+              for cls in options_classes for f in config_fields(cls)]
+    return dataclasses.make_dataclass(name, fields)
+
+
+# The quantizer's options (vqvae/options.py), each with its default and meaning there.
+QuantizerConfig = _options_section("QuantizerConfig", QuantizerOptions, ResidualOptions)
 
 
 @dataclass
@@ -122,27 +113,22 @@ class Config:
 
 CHOICES = {
     "data.source": ("builtin", "folder", "hf"),
-    "quantizer.backend": ("auto", "triton", "torch"),
-    "quantizer.precision": ("exact", "fast"),
-    "quantizer.init": ("kmeans++", "random"),
     "train.recon_loss": ("mse", "l1"),
     "train.device": ("auto", "cuda", "cpu"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
 POSITIVE = (
     "data.image_size", "model.in_channels", "model.hidden_channels", "model.num_downsamples",
-    "model.residual_hidden", "model.embedding_dim", "quantizer.num_codes", "quantizer.eps",
-    "quantizer.num_quantizers", "quantizer.ema_warmup_steps",
+    "model.residual_hidden", "model.embedding_dim",
     "train.max_steps", "train.batch_size", "train.grad_accum", "train.usage_window", "train.eval_every",
     "train.ckpt_every", "train.keep_last",
 )
 NON_NEGATIVE = (
     "data.samples_per_epoch", "data.val_samples", "data.num_workers", "model.residual_layers",
-    "quantizer.commitment_weight", "quantizer.dead_code_threshold", "quantizer.kmeans_iters", "quantizer.codebook_dim",
     "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
     "optim.grad_clip", "train.eval_batches", "train.seed",
 )
-UNIT_INTERVAL = ("quantizer.decay", "optim.beta1", "optim.beta2")  # open interval (0, 1)
+UNIT_INTERVAL = ("optim.beta1", "optim.beta2")  # open interval (0, 1)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -222,13 +208,10 @@ def validate(cfg: Config, source: str) -> None:
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must lie strictly between 0 and 1 "
                           f"(got {cfg.data.val_fraction!r}) in {source}")
-    if cfg.quantizer.affine_reparam and cfg.quantizer.cosine:
-        raise ConfigError(f"quantizer.affine_reparam and quantizer.cosine exclude each other (cosine codes live on "
-                          f"the unit sphere): set quantizer.affine_reparam=false in {source}")
-    for key in ("shared_codebook", "layer_dropout"):
-        if getattr(cfg.quantizer, key) and cfg.quantizer.num_quantizers == 1:
-            raise ConfigError(f"quantizer.{key} needs residual layers: set quantizer.num_quantizers above 1 "
-                              f"(it is 1) in {source}")
+    try:
+        quantizer_options(cfg.quantizer)
+    except OptionError as e:
+        raise ConfigError(f"quantizer.{e.name} {e.problem} in {source}") from None
     if cfg.data.source == "hf" and not cfg.data.name:
         raise ConfigError(f"data.name must name a hub dataset when data.source is 'hf' in {source}")
     if cfg.data.source == "folder" and not cfg.data.path:
@@ -240,6 +223,13 @@ def validate(cfg: Config, source: str) -> None:
     if cfg.model.hidden_channels % 2 ** (cfg.model.num_downsamples - 1):
         raise ConfigError(f"model.hidden_channels ({cfg.model.hidden_channels}) must be divisible by "
                           f"2**(model.num_downsamples - 1) in {source}")
+
+
+def quantizer_options(section) -> tuple[QuantizerOptions, ResidualOptions]:
+    """The options of the config's quantizer section, validated (OptionError names a bad one)."""
+    values = dataclasses.asdict(section)
+    split = [{f.name: values[f.name] for f in config_fields(cls)} for cls in (QuantizerOptions, ResidualOptions)]
+    return QuantizerOptions(**split[0]), ResidualOptions(**split[1])
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -255,6 +245,10 @@ def _set(obj, name: str, key: str, value, source: str) -> None:
     if key not in types:
         raise ConfigError(f"unknown config key '{name}' in {source}{_suggest(key, types)}")
     expected = types[key]
+    if value is None and type(None) in typing.get_args(expected):
+        setattr(obj, key, value)
+        return
+    expected = next((t for t in typing.get_args(expected) if t is not type(None)), expected)  # int of int | None
     # bool is an int in Python; a YAML `true` for a number (or 1 for a flag) is a mistake worth reporting
     ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):

@@ -38,7 +38,9 @@ from vqvae.data import DataError, make_datasets, make_loader, to_uint8
 from vqvae.hub import PretrainedError
 from vqvae.images import reconstruction_grid
 from vqvae.model import VQVAE
-from vqvae.train import autocast_context, load_model, parse_overrides, pick_device
+from vqvae.cli import autocast_context, parse_overrides, pick_device
+from vqvae.metrics import psnr
+from vqvae.resume import load_model
 
 
 def encode_split(model, dataset, cfg, device, batch_size: int, num_recon: int):
@@ -61,9 +63,8 @@ def encode_split(model, dataset, cfg, device, batch_size: int, num_recon: int):
 
 
 def psnr_db(recons: torch.Tensor, originals: torch.Tensor) -> float:
-    """Mean PSNR of images in [-1, 1], on [0, 1] pixels (so the squared error shrinks by 4)."""
-    mse01 = ((recons.clamp(-1, 1) - originals) ** 2).mean(dim=(1, 2, 3)) / 4
-    return float((-10 * torch.log10(mse01.clamp_min(1e-10))).mean())
+    """Mean PSNR of images in [-1, 1], on [0, 1] pixels (`vqvae.metrics.psnr`)."""
+    return float(psnr(recons, originals).mean())
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vqvae.checkpoint import CheckpointError
 from vqvae.config import ConfigError
-from vqvae.train import load_model
+from vqvae.resume import load_model
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:

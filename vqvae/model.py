@@ -12,10 +12,12 @@ weights (model.safetensors) with the configuration beside them (config.json): se
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
-from vqvae.config import Config, config_from_dict
+from vqvae.config import Config, config_from_dict, quantizer_options
 from vqvae.hub import HubMixin
 from vqvae.quantizer import QuantizerOutput, VectorQuantizerEMA
 from vqvae.residual import ResidualQuantizerOutput, ResidualVectorQuantizerEMA
@@ -131,23 +133,17 @@ class VQVAE(nn.Module, HubMixin):
 def build_quantizer(cfg: Config) -> VectorQuantizerEMA | ResidualVectorQuantizerEMA:
     """One VectorQuantizerEMA (num_quantizers = 1: the state-dict keys of before residual layers existed), or
     num_quantizers residual layers of it."""
-    q = cfg.quantizer
-    if q.num_quantizers == 1:
+    if cfg.quantizer.num_quantizers == 1:
         return VectorQuantizerEMA(**quantizer_kwargs(cfg))
-    return ResidualVectorQuantizerEMA(q.num_quantizers, shared_codebook=q.shared_codebook,
-                                      layer_dropout=q.layer_dropout, **quantizer_kwargs(cfg))
+    stack = dataclasses.asdict(quantizer_options(cfg.quantizer)[1])
+    return ResidualVectorQuantizerEMA(**stack, **quantizer_kwargs(cfg))
 
 
 def quantizer_kwargs(cfg: Config) -> dict:
-    """VectorQuantizerEMA's arguments in a VQ-VAE built from ``cfg``."""
-    q = cfg.quantizer
-    return dict(num_codes=q.num_codes, dim=cfg.model.embedding_dim, decay=q.decay, eps=q.eps,
-                commitment_weight=q.commitment_weight, backend=q.backend, precision=q.precision,
-                ema_warmup=q.ema_warmup, ema_warmup_steps=q.ema_warmup_steps, init=q.init,
-                kmeans_iters=q.kmeans_iters, affine_reparam=q.affine_reparam,
-                dead_code_threshold=q.dead_code_threshold,
-                codebook_dim=q.codebook_dim or None, cosine=q.cosine, deterministic=q.deterministic,
-                layout="channels_first")  # said, not guessed: a 16 x 16 grid of 16-d codes would be ambiguous
+    """VectorQuantizerEMA's arguments in a VQ-VAE built from ``cfg``: the config's options, at the model's width."""
+    options = quantizer_options(cfg.quantizer)[0]
+    # The layout said, not guessed: a 16 x 16 grid of 16-d codes would be ambiguous.
+    return {**options.as_dict(), "dim": cfg.model.embedding_dim, "layout": "channels_first"}
 
 
 def build_model(cfg: Config) -> VQVAE:

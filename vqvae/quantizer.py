@@ -23,16 +23,17 @@ is read, `vqvae.layout`'s; how ranks agree, `vqvae.sync`'s.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqvae.codebook import BACKENDS, INITS, EMACodebook  # noqa: F401  (re-exported: the options' values)
+from vqvae.codebook import Codebook
 from vqvae.hub import HubMixin
-from vqvae.layout import LAYOUTS, from_rows, grid_shape, mask_rows, to_rows
+from vqvae.layout import from_rows, grid_shape, mask_rows, to_rows
+from vqvae.metrics import code_counts, perplexity
+from vqvae.options import QuantizerOptions
 
 
 class QuantizerOutput(NamedTuple):
@@ -42,6 +43,26 @@ class QuantizerOutput(NamedTuple):
     perplexity: torch.Tensor  # exp(entropy) of the batch's code usage, fp32 scalar
     usage: torch.Tensor  # fraction of codes that at least one vector of the batch chose, fp32 scalar
     dead_codes: torch.Tensor  # codes found dead (before their re-seeding), int64
+
+    def as_layers(self) -> ResidualQuantizerOutput:
+        """The same figures as a one-layer residual stack reports them, so callers need not ask which it is."""
+        return ResidualQuantizerOutput(self.quantized, self.indices[..., None], self.loss, self.loss[None],
+                                       self.perplexity[None], self.usage[None], self.dead_codes[None])
+
+
+class ResidualQuantizerOutput(NamedTuple):
+    """The outputs of a residual stack (`vqvae.residual`): per-layer figures on a last axis."""
+
+    quantized: torch.Tensor  # the sum of the layers' codes, the input's shape and dtype; straight-through gradient
+    indices: torch.Tensor  # int64 (*code grid, num_quantizers): layer l's code at [..., l]; -1 = no code
+    loss: torch.Tensor  # the sum of the layers' commitment losses (each weighted by commitment_weight), fp32
+    losses: torch.Tensor  # [num_quantizers] each layer's commitment loss, fp32
+    perplexity: torch.Tensor  # [num_quantizers] exp(entropy) of each layer's code usage in the batch
+    usage: torch.Tensor  # [num_quantizers] fraction of each layer's codes that the batch chose
+    dead_codes: torch.Tensor  # [num_quantizers] int64 codes found dead in each layer's codebook (the shared one's)
+
+    def as_layers(self) -> ResidualQuantizerOutput:
+        return self
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -59,15 +80,12 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-class VectorQuantizerEMA(EMACodebook, HubMixin):
+class VectorQuantizerEMA(nn.Module, HubMixin):
     """Quantize (B, dim, *spatial) or (..., dim) tensors against `num_codes` EMA codes.
 
-    The codebook options (see `vqvae.codebook`): `ema_warmup` (a decay that starts near 0 and reaches `decay`;
-    `ema_warmup_steps` sets how slowly), `init` ("random" rows of the first training batch, or "kmeans++") and
-    `kmeans_iters` (Lloyd iterations on that batch after the seeding), `affine_reparam` (codes kept in the frame of
-    the data's running moments, so they follow its shifts and growth; None = on unless `cosine`),
-    `dead_code_threshold` (EMA count, in rows per step, under which a code is dead and re-seeded; 0 = off),
-    `restart_count` (the EMA count a re-seeded code starts with; None = its share of a step's rows).
+    Every keyword argument is a field of `vqvae.options.QuantizerOptions` (its meaning and range are written
+    there), and positional ones after `dim` are its first fields (decay, eps, commitment_weight). The codebook and
+    its rules are `self.book` (`vqvae.codebook.Codebook`); `self.codebook` is its codes, [K, D].
 
     Where the search happens: `codebook_dim` (an int below `dim`) quantizes a learned linear projection of the input
     to that many features, and maps the code back with a second one (ViT-VQGAN's factorised codes: low-dimensional
@@ -75,70 +93,56 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
     the most similar in direction. Both run on the same kernels; the commitment loss is taken where the search is.
     """
 
-    def __init__(self, num_codes: int = 4096, dim: int = 256, decay: float = 0.99, eps: float = 1e-5,
-                 commitment_weight: float = 0.25, *, backend: str = "auto", precision: str = "exact",
-                 ema_warmup: bool = True, ema_warmup_steps: int = 200, init: str = "random",
-                 kmeans_iters: int = 10, affine_reparam: bool | None = None,
-                 dead_code_threshold: float = 1.0, restart_count: float | None = None,
-                 codebook_dim: int | None = None, cosine: bool = False, deterministic: bool = False,
-                 layout: str = "auto"):
-        if not (commitment_weight >= 0.0 and math.isfinite(commitment_weight)):
-            raise ValueError(f"commitment_weight must be finite and >= 0, got {commitment_weight}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if codebook_dim is not None and not (isinstance(codebook_dim, int) and 1 <= codebook_dim):
-            raise ValueError(f"codebook_dim must be a positive int or None, got {codebook_dim!r}")
-        if affine_reparam is None:  # on, except for cosine codes, whose frame is the unit sphere
-            affine_reparam = not cosine
-        super().__init__(num_codes, codebook_dim or dim, decay=decay, eps=eps, ema_warmup=ema_warmup,
-                         ema_warmup_steps=ema_warmup_steps, init=init, kmeans_iters=kmeans_iters,
-                         affine_reparam=affine_reparam, cosine=cosine, dead_code_threshold=dead_code_threshold,
-                         restart_count=restart_count, backend=backend,
-                         precision=precision, deterministic=deterministic)
-        self.dim, self.codebook_dim = dim, codebook_dim
-        self.commitment_weight, self.layout = commitment_weight, layout
-        if codebook_dim is not None:
-            self.project_in = nn.Linear(dim, codebook_dim)
-            self.project_out = nn.Linear(codebook_dim, dim)
+    def __init__(self, num_codes: int = 4096, dim: int = 256, *args, **kwargs):
+        super().__init__()
+        self.options = options = QuantizerOptions(num_codes, *args, **kwargs)
+        self.dim = dim
+        self.book = Codebook(options.codebook_dim or dim, options)
+        if options.codebook_dim is not None:
+            self.project_in = nn.Linear(dim, options.codebook_dim)
+            self.project_out = nn.Linear(options.codebook_dim, dim)
+        # config.json of save_pretrained: every option written out, not only those passed.
+        self._hub_mixin_config = {"dim": dim, **options.as_dict()}
+        # The state dict keeps the codebook's tensors at the quantizer's level (`codebook`, `cluster_size`, ...),
+        # as before the codebook was a part of its own: checkpoints and pretrained folders read both ways.
+        self._register_state_dict_hook(_codebook_keys_at_top)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.book.codebook
+
+    @property
+    def num_codes(self) -> int:
+        return self.options.num_codes
 
     def extra_repr(self) -> str:
-        return (f"num_codes={self.num_codes}, dim={self.dim}, codebook_dim={self.codebook_dim}, "
-                f"cosine={self.cosine}, decay={self.decay}, eps={self.eps}, "
-                f"commitment_weight={self.commitment_weight}, backend={self.backend!r}, "
-                f"precision={self.precision!r}, ema_warmup={self.ema_warmup}, "
-                f"ema_warmup_steps={self.ema_warmup_steps}, init={self.init!r}, kmeans_iters={self.kmeans_iters}, "
-                f"affine_reparam={self.affine_reparam}, dead_code_threshold={self.dead_code_threshold}, "
-                f"restart_count={self.restart_count}, "
-                f"deterministic={self.deterministic}, layout={self.layout!r}")
+        return f"dim={self.dim}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.as_dict().items())
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
         """Quantize x, (B, dim, *spatial) or (..., dim). `mask` (bool, the shape of the code grid) marks the
         positions to learn from: False positions (padding) still get codes, but stay out of the commitment loss,
         the EMA statistics, the usage figures and the dead-code re-seeding."""
-        rows, channels_first = to_rows(x, self.dim, self.layout, self.codebook.device)
+        rows, channels_first = to_rows(x, self.dim, self.options.layout, self.codebook.device)
         grid = grid_shape(x.shape, channels_first)
         keep = None if mask is None else mask_rows(mask, grid, self.codebook.device)
         # The codebook maths stays in fp32 whatever autocast says; the output takes the input's dtype.
         with torch.autocast(device_type=rows.device.type, enabled=False):
             z = self._to_code_space(rows)
-            if self.training and not self._initialized:
-                self.initialise_(z.detach() if keep is None else z.detach()[keep])
-            elif self.training and self.affine_reparam:
-                self.follow_batch_(z.detach(), keep)
-            indices = self.nearest(z.detach())
+            if self.training:
+                self.book.before_search_(z.detach(), keep)
+            indices = self.book.nearest(z.detach())
             matched = indices >= 0
             codes = F.embedding(indices.clamp(min=0), self.codebook)
             codes = torch.where(matched[:, None], codes, float("nan"))
-            loss = self.commitment_weight * _masked_mse(z.float(), codes, keep)
+            loss = self.options.commitment_weight * _masked_mse(z.float(), codes, keep)
             # -1 leaves a row out of the statistics: unmatched (non-finite) rows and masked-out positions.
-            learn = matched if keep is None else matched & keep
-            stats_indices = torch.where(learn, indices, -1)
+            stats_indices = indices if keep is None else torch.where(keep, indices, -1)
             if self.training:
-                counts, dead = self.learn_(z.detach(), stats_indices, learn)
+                counts, dead = self.book.learn_(z.detach(), stats_indices)
             else:
-                counts, dead = _bincount(stats_indices, self.num_codes), self.dead_codes()
+                counts, dead = code_counts(stats_indices, self.num_codes), self.book.dead_codes()
             quantized = _StraightThrough.apply(z, codes.to(z.dtype))
-            if self.codebook_dim is not None:
+            if self.options.codebook_dim is not None:
                 quantized = self.project_out(quantized)
         return QuantizerOutput(
             quantized=from_rows(quantized.to(rows.dtype), x.shape, channels_first),
@@ -152,8 +156,8 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
     def _to_code_space(self, rows: torch.Tensor) -> torch.Tensor:
         """The vectors searched: the rows as given, their projection to codebook_dim (fp32), l2-normalised for
         cosine codes."""
-        z = rows if self.codebook_dim is None else self.project_in(rows.float())
-        return F.normalize(z.float(), dim=-1) if self.cosine else z
+        z = rows if self.options.codebook_dim is None else self.project_in(rows.float())
+        return F.normalize(z.float(), dim=-1) if self.options.cosine else z
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """The vectors the quantizer outputs for a grid of code indices: float32, shape (*indices.shape, dim),
@@ -161,21 +165,29 @@ class VectorQuantizerEMA(EMACodebook, HubMixin):
         if indices.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
         codes = F.embedding(indices.long(), self.codebook)
-        return codes if self.codebook_dim is None else self.project_out(codes)
+        return codes if self.options.codebook_dim is None else self.project_out(codes)
+
+    def accumulate(self):
+        """Gradient accumulation: see `vqvae.codebook.Codebook.accumulate`."""
+        return self.book.accumulate()
+
+    def dead_codes(self) -> torch.Tensor:
+        """Bool [K]: the codes whose EMA activity is under the dead threshold."""
+        return self.book.dead_codes()
+
+    def codebooks(self) -> list[Codebook]:
+        """Every codebook, as a residual stack lists its own: this one's."""
+        return [self.book]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+            state_dict[prefix + "book." + key[len(prefix):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of the code distribution that `counts` (float [K]) describes; 1 for no counts at all."""
-    probs = counts / counts.sum().clamp(min=1.0)
-    return torch.exp(-(probs * torch.log(probs.clamp(min=1e-12))).sum())
-
-
-def _bincount(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """Per-code counts (float32) of indices, leaving out negative ones. (torch.bincount sizes its output from
-    the data, which costs a host sync on CUDA; a fixed-size index_add does not.)"""
-    bins = torch.where(indices >= 0, indices, num_codes)
-    counts = torch.zeros(num_codes + 1, dtype=torch.float32, device=indices.device)
-    return counts.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float32))[:num_codes]
+def _codebook_keys_at_top(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + "book.")]:
+        state_dict[prefix + key[len(prefix + "book."):]] = state_dict.pop(key)
 
 
 def _masked_mse(rows: torch.Tensor, codes: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -42,26 +42,18 @@ the constructor's arguments and every layer's state as config.json and model.saf
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from vqvae.hub import HubMixin
-from vqvae.layout import LAYOUTS, from_rows, grid_shape, mask_rows, to_rows
-from vqvae.quantizer import VectorQuantizerEMA
-
-
-class ResidualQuantizerOutput(NamedTuple):
-    quantized: torch.Tensor  # the sum of the layers' codes, the input's shape and dtype; straight-through gradient
-    indices: torch.Tensor  # int64 (*code grid, num_quantizers): layer l's code at [..., l]; -1 = no code
-    loss: torch.Tensor  # the sum of the layers' commitment losses (each weighted by commitment_weight), fp32
-    losses: torch.Tensor  # [num_quantizers] each layer's commitment loss, fp32
-    perplexity: torch.Tensor  # [num_quantizers] exp(entropy) of each layer's code usage in the batch
-    usage: torch.Tensor  # [num_quantizers] fraction of each layer's codes that the batch chose
-    dead_codes: torch.Tensor  # [num_quantizers] int64 codes found dead in each layer's codebook (the shared one's)
+from vqvae.layout import from_rows, grid_shape, mask_rows, to_rows
+from vqvae.options import QuantizerOptions, ResidualOptions
+from vqvae.codebook import Codebook
+from vqvae.quantizer import ResidualQuantizerOutput, VectorQuantizerEMA  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -74,39 +66,40 @@ class ResidualStep:
 class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
     """Quantize (B, dim, *spatial) or (..., dim) tensors with `num_quantizers` residual layers of `num_codes` codes.
 
-    `shared_codebook`: one codebook for every layer (see the module docstring). `layer_dropout`: in training, use
-    only the first q layers, q uniform in [min_layers, num_quantizers]. `layout`: how the input is read, as for
-    `VectorQuantizerEMA`. Every other keyword argument goes to each layer's `VectorQuantizerEMA` (decay, eps,
-    commitment_weight, backend, precision, ema_warmup, ema_warmup_steps, init, kmeans_iters, affine_reparam, dead_code_threshold,
-    restart_count, codebook_dim, cosine, deterministic).
+    The stack's own keywords are the fields of `vqvae.options.ResidualOptions` (`shared_codebook`: one codebook
+    for every layer, see the module docstring; `layer_dropout`: in training, use only the first q layers, q uniform
+    in [min_layers, num_quantizers]); every other one is a field of `QuantizerOptions`, for each layer (`layout`:
+    how the input is read, as for `VectorQuantizerEMA`).
     """
 
-    def __init__(self, num_quantizers: int, num_codes: int = 4096, dim: int = 256, *, shared_codebook: bool = False,
-                 layer_dropout: bool = False, min_layers: int = 1, layout: str = "auto", **layer_kwargs):
+    def __init__(self, num_quantizers: int, num_codes: int = 4096, dim: int = 256, **kwargs):
         super().__init__()
-        if not isinstance(num_quantizers, int) or num_quantizers < 1:
-            raise ValueError(f"num_quantizers must be a positive int, got {num_quantizers!r}")
-        if not isinstance(min_layers, int) or not 1 <= min_layers <= num_quantizers:
-            raise ValueError(f"min_layers must be an int in [1, num_quantizers={num_quantizers}], got {min_layers!r}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        stack = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(ResidualOptions) if f.name in kwargs}
+        self.residual = ResidualOptions(num_quantizers, **stack)
         self.num_quantizers, self.num_codes, self.dim = num_quantizers, num_codes, dim
-        self.shared_codebook, self.layer_dropout, self.min_layers = shared_codebook, layer_dropout, min_layers
-        self.layout = layout
+        self.shared_codebook = self.residual.shared_codebook
+        self.layout = QuantizerOptions(num_codes, **kwargs).layout  # checks every layer option once, here
         # The layers are handed rows (N, dim), never the caller's tensor: the layout is read once, here.
-        count = 1 if shared_codebook else num_quantizers
-        self.layers = nn.ModuleList(VectorQuantizerEMA(num_codes, dim, layout="channels_last", **layer_kwargs)
-                                    for _ in range(count))
+        layer_kwargs = {**kwargs, "layout": "channels_last"}
+        count = 1 if self.shared_codebook else num_quantizers
+        self.layers = nn.ModuleList(VectorQuantizerEMA(num_codes, dim, **layer_kwargs) for _ in range(count))
         # Training forwards that drew a number of layers: the quantizer-dropout clock (see the module docstring),
         # with a host copy so that drawing never reads the device.
         self.register_buffer("dropout_draws", torch.tensor(0, dtype=torch.int64))
         self._draws = 0
         self._accumulating = False
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_draws())
+        # config.json of save_pretrained: every option written out.
+        self._hub_mixin_config = {"num_codes": num_codes, "dim": dim, **dataclasses.asdict(self.residual),
+                                  **{**self.layers[0].options.as_dict(), "layout": self.layout}}
 
     def extra_repr(self) -> str:
-        return (f"num_quantizers={self.num_quantizers}, shared_codebook={self.shared_codebook}, "
-                f"layer_dropout={self.layer_dropout}, min_layers={self.min_layers}, layout={self.layout!r}")
+        return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.residual).items()) + \
+            f", layout={self.layout!r}"
+
+    def codebooks(self) -> list[Codebook]:
+        """Every codebook: each layer's, or the shared one."""
+        return [layer.book for layer in self.layers]
 
     def layer(self, index: int) -> VectorQuantizerEMA:
         """The quantizer of layer `index` (from 0): its own, or the shared one."""
@@ -142,7 +135,7 @@ class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
             out = layer(residual, keep)
             total = out.quantized if total is None else total + out.quantized
             residual = residual - out.quantized
-            if layer.codebook_dim is None and not layer.cosine:
+            if layer.options.codebook_dim is None and not layer.options.cosine:
                 # A plain layer's straight-through gradient is the identity, so the gradient through this residual
                 # would cancel exactly (r - q with dq/dr = I): cutting it changes nothing and keeps the deeper
                 # layers' tensors out of the autograd graph.
@@ -155,10 +148,10 @@ class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
             if not isinstance(num_layers, int) or not 1 <= num_layers <= self.num_quantizers:
                 raise ValueError(f"num_layers must be an int in [1, {self.num_quantizers}], got {num_layers!r}")
             return num_layers
-        if not (self.training and self.layer_dropout):
+        if not (self.training and self.residual.layer_dropout):
             return self.num_quantizers
         # Seeded by the clock alone: every process draws the same number, and a resumed run the same sequence.
-        used = random.Random(self._draws).randint(self.min_layers, self.num_quantizers)
+        used = random.Random(self._draws).randint(self.residual.min_layers, self.num_quantizers)
         self._draws += 1
         self.dropout_draws.fill_(self._draws)
         return used
@@ -257,14 +250,3 @@ class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
     def _sync_draws(self) -> None:
         self._draws = int(self.dropout_draws)
 
-
-def layer_code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """How often each layer chose each code: float32 [layers, num_codes] from indices (..., layers); -1 (no code)
-    counts for none. A fixed-size index_add, so no host synchronisation."""
-    layers = indices.shape[-1]
-    flat = indices.reshape(-1, layers)
-    offsets = torch.arange(layers, device=indices.device) * (num_codes + 1)
-    bins = torch.where(flat >= 0, flat, num_codes) + offsets  # each layer's row has a last, dropped bin
-    counts = torch.zeros(layers * (num_codes + 1), dtype=torch.float32, device=indices.device)
-    counts.index_add_(0, bins.reshape(-1), torch.ones(bins.numel(), dtype=torch.float32, device=indices.device))
-    return counts.view(layers, num_codes + 1)[:, :num_codes]

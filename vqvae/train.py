@@ -26,53 +26,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vqvae.checkpoint import (BEST_NAME, CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
-                              load_checkpoint, prune_checkpoints, remove_stale_temporaries, rng_state,
-                              save_checkpoint)
-from vqvae.config import (Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, config_to_yaml,
-                          load_config, validate)
+from vqvae.checkpoint import BEST_NAME, CheckpointError, checkpoint_path, prune_checkpoints
+from vqvae.cli import autocast_context, parse_overrides, pick_device
+from vqvae.config import Config, ConfigError, config_to_yaml, load_config
 from vqvae.data import DataError, available_cpus, make_datasets, make_loader, usable_workers
 from vqvae.distributed import (Processes, barrier, gather_rng_states, main_process_first, mean_over_ranks, restore_rng,
                                start_processes, stop_processes, wrap_model)
+from vqvae.evaluation import evaluate, recon_loss_fn
 from vqvae.images import reconstruction_grid, usage_histogram
+from vqvae.metrics import CodeUsage
 from vqvae.model import VQVAE, build_model, count_parameters
-from vqvae.quantizer import perplexity
-from vqvae.residual import ResidualQuantizerOutput, ResidualVectorQuantizerEMA, layer_code_counts
-
-
-COLLAPSE_PERPLEXITY = 50.0  # the seed's line: below it the codebook has collapsed
+from vqvae.resume import (Progress, check_resumable, clean_run_dir, find_resume_checkpoint,  # noqa: F401
+                          load_model, restore_state, save_state)  # load_model: re-exported for older callers
+from vqvae.runlog import CollapseWatch, log, open_metrics, postfix, print_summary, start_wandb
 
 # ---- setup ----
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available (use train.device=cpu or auto)")
-    return torch.device(name)
-
-
-def autocast_context(cfg: Config, device: torch.device):
-    """bf16 autocast for the convolutions on CUDA; the quantizer keeps its codebook maths in fp32 itself."""
-    if device.type == "cuda" and cfg.train.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     # decay the conv weights only, as usual: biases gain nothing from it. The codebook is a buffer (EMA), so
@@ -106,57 +85,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def resume_path(cfg: Config, run_dir: Path) -> Path | None:
-    mode = cfg.train.resume
-    if mode == "never":
-        if list_checkpoints(run_dir):
-            raise ConfigError(f"train.resume is 'never' but {run_dir} already holds checkpoints; choose another "
-                              f"train.out_dir, delete them, or resume")
-        return None
-    if mode in ("auto", "latest"):
-        path = latest_checkpoint(run_dir)
-        if path is None and mode == "latest":
-            raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) in {run_dir}")
-        return path
-    path = Path(mode)
-    if not path.is_file():
-        raise ConfigError(f"train.resume: checkpoint not found: {path}")
-    return path
-
-
-def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
-    """The model's shapes must match the checkpoint's; anything else may change on resuming (max_steps, the
-    learning rate, the EMA decay...), though then the run no longer repeats an uninterrupted one."""
-    ours, theirs = config_to_dict(cfg), config_to_dict(config_from_dict(saved, source=f"checkpoint {path}",
-                                                                        check=False))
-    keys = [("model", key) for key in ours["model"]] + [("quantizer", "num_codes")]
-    keys += [("quantizer", "num_quantizers"), ("quantizer", "shared_codebook")]
-    for section, key in keys:
-        if ours[section][key] != theirs[section][key]:
-            raise ConfigError(f"cannot resume from {path}: {section}.{key} is {ours[section][key]!r} in the config "
-                              f"but {theirs[section][key]!r} in the checkpoint")
-
-
-def start_wandb(cfg: Config, run_dir: Path, run_id: str | None):
-    if cfg.wandb.mode == "disabled":
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print("wandb is not installed: logging to metrics.jsonl only (pip install wandb, or set "
-              "wandb.mode=disabled to silence this)", file=sys.stderr)
-        return None
-    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None,
-                      name=cfg.wandb.name or run_dir.name, dir=str(run_dir), mode=cfg.wandb.mode,
-                      config=config_to_dict(cfg), id=run_id, resume="allow" if run_id else None,
-                      settings=wandb.Settings(console="off", silent=True))
-
-
-# ---- one step, evaluation ----
-
-def recon_loss_fn(kind: str):
-    return F.mse_loss if kind == "mse" else F.l1_loss
-
+# ---- one step ----
 
 def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device: torch.device,
                usage: CodeUsage) -> dict[str, torch.Tensor]:
@@ -175,7 +104,7 @@ def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device:
     loss_fn = recon_loss_fn(cfg.train.recon_loss)
     accum = cfg.train.grad_accum
     totals = torch.zeros(4, device=device)  # recon, vq, perplexity, batch usage (means over residual layers)
-    layers = None  # residual layers: each one's vq loss and perplexity
+    layers = 0.0  # each layer's vq loss and perplexity [2, L] (a single quantizer is one layer)
     with net.quantizer.accumulate() if accum > 1 else contextlib.nullcontext() as ema_step:
         for i in range(accum):
             images = next(batches).to(device, non_blocking=True)
@@ -184,12 +113,11 @@ def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device:
                     recon, q = model(images)
                 recon_loss = loss_fn(recon.float(), images)
                 ((recon_loss + q.loss.float()) / accum).backward()
+            q = q.as_layers()
             totals += torch.stack([recon_loss.detach(), q.loss.detach().float(), q.perplexity.float().mean(),
                                    q.usage.float().mean()]) / accum
-            if isinstance(q, ResidualQuantizerOutput):
-                figures = torch.stack([q.losses.detach().float(), q.perplexity.float()]) / accum
-                layers = figures if layers is None else layers + figures
-            usage.update(usage_codes(q.indices, cfg))
+            layers = layers + torch.stack([q.losses.detach().float(), q.perplexity.float()]) / accum
+            usage.update(usage_codes(q.indices, cfg.quantizer.num_codes))
     if ddp:
         # every rank's codes count, so the window figures (and the copy in checkpoints) are the global ones
         dist.all_reduce(usage.counts[usage.step % usage.window])
@@ -200,18 +128,16 @@ def train_step(model: VQVAE, batches, optimizer, scheduler, cfg: Config, device:
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    dead = q.dead_codes if accum == 1 else ema_step.dead_codes
+    dead = q.dead_codes if accum == 1 else ema_step.dead_codes.reshape(-1)
     return {"recon_loss": totals[0], "vq_loss": totals[1], "perplexity": totals[2], "usage": totals[3],
             "window_perplexity": usage.perplexity(), "window_usage": usage.fraction(),
             "dead_codes": dead_code_total(dead, cfg), "grad_norm": grad_norm, **layer_metrics(layers, dead)}
 
 
-# ---- residual layers in the metrics ----
-
-def layer_metrics(layers: torch.Tensor | None, dead: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each residual layer's figures, `layer<l>/...` from 1 (none for a single quantizer): vq loss and perplexity
+def layer_metrics(layers: torch.Tensor, dead: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each residual layer's figures, `layer<l>/...` from 1 (none for a single layer): vq loss and perplexity
     (stacked [2, L], means over the micro-batches) and dead codes."""
-    if layers is None:
+    if layers.shape[1] == 1:
         return {}
     metrics = {}
     for i in range(layers.shape[1]):
@@ -221,10 +147,8 @@ def layer_metrics(layers: torch.Tensor | None, dead: torch.Tensor) -> dict[str, 
 
 
 def dead_code_total(dead: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Dead codes over all the codebooks. Residual layers report theirs per layer; layers sharing one codebook
-    each report that codebook's, so it is counted once."""
-    if dead.ndim == 0:
-        return dead
+    """Dead codes over all the codebooks, from each layer's count [L]: layers sharing one codebook each report
+    that codebook's, so it is counted once."""
     return dead[0] if cfg.quantizer.shared_codebook else dead.sum()
 
 
@@ -234,180 +158,10 @@ def counted_codes(cfg: Config) -> int:
     return cfg.quantizer.num_codes * cfg.quantizer.num_quantizers
 
 
-def usage_codes(indices: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """The usage window's bins of a batch's codes (see counted_codes); -1 (no code) stays -1."""
-    if cfg.quantizer.num_quantizers == 1:
-        return indices
-    offsets = torch.arange(indices.shape[-1], device=indices.device) * cfg.quantizer.num_codes
+def usage_codes(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """The usage window's bins (see counted_codes) of a batch's codes (..., layers); -1 (no code) stays -1."""
+    offsets = torch.arange(indices.shape[-1], device=indices.device) * num_codes
     return torch.where(indices >= 0, indices + offsets, -1)
-
-
-def ema_counts(quantizer) -> torch.Tensor:
-    """Every code's recent EMA count (what the dead threshold is read against), for the usage chart: residual
-    layers' codebooks one after another."""
-    if isinstance(quantizer, ResidualVectorQuantizerEMA):
-        return torch.cat([layer.recent_count for layer in quantizer.layers])
-    return quantizer.recent_count
-
-
-class CodeUsage:
-    """How often each code was chosen in each of the last ``window`` steps (a ring of per-step counts on the
-    device), for the windowed figures: the perplexity and the fraction of codes used over the window.
-
-    The batch perplexity of one step can hide a slow collapse (or exaggerate one bad batch); the windowed one, over
-    ``window`` x batch vectors, is the codebook's usage as a downstream model will see it.
-    """
-
-    def __init__(self, num_codes: int, window: int, device: torch.device):
-        self.num_codes, self.window, self.step = num_codes, window, 0
-        self.counts = torch.zeros(window, num_codes, dtype=torch.int64, device=device)
-
-    def update(self, indices: torch.Tensor) -> None:
-        """Add a micro-batch's codes to the current step (-1, a non-finite vector, counts for no code)."""
-        flat = indices.reshape(-1)
-        bins = torch.where(flat >= 0, flat, self.num_codes)  # an extra, dropped bin: no host sync to filter
-        step_counts = torch.zeros(self.num_codes + 1, dtype=torch.int64, device=flat.device)
-        step_counts.index_add_(0, bins, torch.ones_like(bins))
-        self.counts[self.step % self.window] += step_counts[:self.num_codes]
-
-    def advance(self) -> None:
-        self.step += 1
-        self.counts[self.step % self.window].zero_()
-
-    def totals(self) -> torch.Tensor:
-        return self.counts.sum(dim=0)
-
-    def fraction(self) -> torch.Tensor:
-        return (self.totals() > 0).float().mean()
-
-    def perplexity(self) -> torch.Tensor:
-        return perplexity(self.totals().float())
-
-
-@torch.no_grad()
-def evaluate(model: VQVAE, loader, cfg: Config, device: torch.device, max_batches: int = 0) -> tuple[dict, tuple]:
-    """Reconstruction loss, PSNR, VQ loss, perplexity and usage over the validation split (or its first
-    ``max_batches`` batches). Also returns the first batch and its reconstruction, for the grid."""
-    model.eval()
-    loss_fn = recon_loss_fn(cfg.train.recon_loss)
-    counts = torch.zeros(cfg.quantizer.num_quantizers, cfg.quantizer.num_codes, device=device)  # per layer
-    recon_sum = vq_sum = psnr_sum = torch.zeros((), device=device)
-    n, sample = 0, None
-    for i, images in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        images = images.to(device, non_blocking=True)
-        with autocast_context(cfg, device):
-            recon, q = model(images)
-        recon = recon.float()
-        b = images.shape[0]
-        recon_sum = recon_sum + loss_fn(recon, images) * b
-        vq_sum = vq_sum + q.loss.float() * b
-        # PSNR on [0, 1] pixels: the images span [-1, 1], so the squared error shrinks by 4
-        mse01 = ((recon.clamp(-1, 1) - images) ** 2).mean(dim=(1, 2, 3)) / 4
-        psnr_sum = psnr_sum + (-10 * torch.log10(mse01.clamp_min(1e-10))).sum()
-        # -1 marks a non-finite vector: it counts for no code
-        layer_axis = q.indices if isinstance(q, ResidualQuantizerOutput) else q.indices[..., None]
-        counts += layer_code_counts(layer_axis, cfg.quantizer.num_codes)
-        n += b
-        if sample is None:
-            sample = (images[:8].cpu(), recon[:8].cpu())
-    model.train()
-    # over the whole split's codes at once, not an average of per-batch figures
-    # (residual layers: each layer's, and their means)
-    layer_perplexity = torch.stack([perplexity(layer_counts) for layer_counts in counts])
-    metrics = {"recon_loss": recon_sum / n, "vq_loss": vq_sum / n, "psnr": psnr_sum / n,
-               "perplexity": layer_perplexity.mean(), "usage": (counts > 0).float().mean()}
-    if len(counts) > 1:
-        metrics.update({f"layer{i + 1}/perplexity": value for i, value in enumerate(layer_perplexity)})
-    return {k: float(v) for k, v in metrics.items()}, sample
-
-
-# ---- checkpoints ----
-
-@dataclass
-class Progress:
-    """Where the run stands; saved in every checkpoint besides the model, optimizer and scheduler."""
-
-    step: int = 0
-    batches_drawn: int = 0  # micro-batches taken from the loader: where a resumed loader starts
-    best_val: float = math.inf
-    wandb_id: str | None = None
-    world_size: int = 1  # processes of the run that wrote the checkpoint: batches_drawn counts its global batches
-
-
-def save_state(path: Path, model, optimizer, scheduler, cfg: Config, progress: Progress, usage: CodeUsage,
-               rng_ranks: list[dict] | None = None) -> None:
-    """``model`` is the bare VQVAE, never its DDP wrapper, so the keys carry no ``module.`` prefix."""
-    extra = {} if rng_ranks is None else {"rng_ranks": rng_ranks}  # every rank's RNG states, under torchrun
-    save_checkpoint(path, {
-        "model": model.state_dict(),  # includes the quantizer's codebook and EMA buffers
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "progress": dataclasses.asdict(progress),
-        "step": progress.step,
-        "code_window_counts": usage.counts.cpu(),
-        "config": config_to_dict(cfg),
-        "rng": rng_state(),
-        **extra,
-    })
-
-
-def restore_state(ckpt: dict, model, optimizer, scheduler, usage: CodeUsage) -> Progress:
-    """Everything but the RNG states, which the caller sets last."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    progress = Progress(**ckpt["progress"])
-    usage.step = progress.step
-    if ckpt.get("code_window_counts") is not None and ckpt["code_window_counts"].shape == usage.counts.shape:
-        usage.counts.copy_(ckpt["code_window_counts"])  # else (an older checkpoint, another window): start empty
-    return progress
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               overrides: list[str] = ()) -> tuple[VQVAE, Config, dict]:
-    """A trained model (in eval mode) and its config from a checkpoint, for encoding and tests."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    cfg = config_from_dict(ckpt["config"], source=f"checkpoint {path}")
-    apply_overrides(cfg, list(overrides))
-    validate(cfg, source=f"checkpoint {path} (with command-line overrides)")
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg, ckpt
-
-
-# ---- logging ----
-
-def open_metrics(run_dir: Path, step: int):
-    """metrics.jsonl for appending, first dropping any lines past ``step``: those of steps a crashed run took
-    after its last checkpoint, which the resumed run is about to take again."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _logged_step(line) <= step]
-        if len(kept) != len(lines):
-            path.write_text("".join(kept))
-    return open(path, "a")
-
-
-def _logged_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a line cut short by a crash: drop it
-
-
-def log(metrics_file, run, step: int, values: dict, images: dict | None = None) -> None:
-    """Rank 0 only: the other ranks have no metrics file and no W&B run."""
-    metrics_file.write(json.dumps({"step": step, **values}) + "\n")
-    metrics_file.flush()
-    if run is not None:
-        payload = dict(values)
-        if images:
-            import wandb
-            payload.update({k: wandb.Image(v) for k, v in images.items()})
-        run.log(payload, step=step)
 
 
 def evaluate_and_log(model, val_loader, cfg: Config, device, run_dir: Path, step: int, metrics_file, run,
@@ -417,39 +171,14 @@ def evaluate_and_log(model, val_loader, cfg: Config, device, run_dir: Path, step
     grid = reconstruction_grid(*sample)
     grid_path = run_dir / f"recon_{step:07d}.png"
     grid.save(grid_path)
-    hist = usage_histogram(ema_counts(model.quantizer), cfg.quantizer.dead_code_threshold)
+    activity = torch.cat([book.activity() for book in model.quantizer.codebooks()])  # what deadness reads
+    hist = usage_histogram(activity, cfg.quantizer.dead_code_threshold)
     hist.save(run_dir / f"usage_{step:07d}.png")  # in the run folder too: W&B may be off or never synced
     log(metrics_file, run, step, {f"val/{k}": v for k, v in metrics.items()},
         images={"val/reconstructions": grid, "val/codebook_usage": hist})
     bar.write(f"step {step}: val recon {metrics['recon_loss']:.4f}  psnr {metrics['psnr']:.2f} dB  "
               f"perplexity {metrics['perplexity']:.1f}  usage {metrics['usage']:.0%}  -> {grid_path}")
     return metrics, grid_path
-
-
-def postfix(values: dict) -> str:
-    return (f"recon {values['recon_loss']:.4f} vq {values['vq_loss']:.4f} ppl {values['perplexity']:.0f} "
-            f"(window {values['window_perplexity']:.0f}) used {values['window_usage']:.0%} "
-            f"dead {values['dead_codes']:.0f} lr {values['lr']:.1e} {values['images_per_sec']:.0f} img/s")
-
-
-class CollapseWatch:
-    """A warning line when the training perplexity falls under ``threshold`` (the seed's collapse line), and a
-    line when it recovers: once per crossing, not every step."""
-
-    def __init__(self, threshold: float = COLLAPSE_PERPLEXITY):
-        self.threshold, self.collapsed = threshold, False
-
-    def check(self, step: int, values: dict) -> str | None:
-        ppl = values["perplexity"]
-        if ppl < self.threshold and not self.collapsed:
-            self.collapsed = True
-            return (f"warning: step {step}: training perplexity {ppl:.1f} < {self.threshold:g}: the codebook is "
-                    f"collapsing onto a few codes ({values['dead_codes']:.0f} dead, window perplexity "
-                    f"{values['window_perplexity']:.0f}); see the README on reading the codebook's health")
-        if ppl >= self.threshold and self.collapsed:
-            self.collapsed = False
-            return f"step {step}: training perplexity back above {self.threshold:g} ({ppl:.1f})"
-        return None
 
 
 # ---- the run ----
@@ -470,7 +199,8 @@ def train(cfg: Config) -> dict:
 def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
     say = print if procs.main else _quiet  # rank 0 speaks for every process
     run_dir = Path(cfg.train.out_dir)
-    resume_from = resume_path(cfg, run_dir)  # every rank finds the same checkpoint: nothing is writing yet
+    # every rank finds the same checkpoint: nothing is writing yet
+    resume_from, ckpt = find_resume_checkpoint(cfg, run_dir, device, say)
     say(config_to_yaml(cfg), end="")
     with main_process_first(procs):
         train_set, val_set = make_datasets(cfg.data, cfg.train.seed)  # first: a missing dataset should fail fast
@@ -483,10 +213,9 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     usage = CodeUsage(counted_codes(cfg), cfg.train.usage_window, device)
-    progress, ckpt = Progress(world_size=procs.world_size), None
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, map_location=device)
-        check_resumable(ckpt["config"], cfg, resume_from)
+    progress = Progress(world_size=procs.world_size)
+    if ckpt is not None:
+        check_resumable(ckpt, model, resume_from)
         progress = restore_state(ckpt, model, optimizer, scheduler, usage)
         say(f"resumed from {resume_from} at step {progress.step}")
         if progress.world_size != procs.world_size:
@@ -609,35 +338,8 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
     return summary
 
 
-def clean_run_dir(run_dir: Path) -> None:
-    """Remove the temporary files of checkpoint writes cut short by a SIGKILL, and say what was kept."""
-    removed, kept = remove_stale_temporaries(run_dir)
-    if removed:
-        print(f"removed {len(removed)} temporary file(s) of interrupted checkpoint writes in {run_dir}: "
-              + ", ".join(p.name for p in removed))
-    if kept:
-        print(f"note: kept {len(kept)} temporary file(s) in {run_dir} whose writer may be alive (its process, "
-              f"or one on another host): " + ", ".join(p.name for p in kept), file=sys.stderr)
-
-
 def _quiet(*args, **kwargs) -> None:
     pass
-
-
-def print_summary(s: dict) -> None:
-    if not s["steps"]:
-        print(f"nothing to do: the run in {s['run_dir']} is already at step {s['final_step']} "
-              f"(raise train.max_steps to continue it, or choose another train.out_dir)")
-        return
-    print(f"done: {s['steps']} steps to step {s['final_step']} in {s['seconds']:.0f} s; train recon loss "
-          f"{s['first_recon_loss']:.4f} -> {s['last_recon_loss']:.4f} (mean of the last 20 steps)")
-    if s["val"]:
-        v = s["val"]
-        print(f"validation: recon {v['recon_loss']:.4f}  psnr {v['psnr']:.2f} dB  perplexity {v['perplexity']:.1f}  "
-              f"usage {v['usage']:.0%}")
-    print("wrote: " + ", ".join(s["files"][-4:]) + (f", W&B run under {s['wandb_dir']}" if s["wandb_dir"] else ""))
-    if s["wandb_dir"] and s["wandb_mode"] == "offline":
-        print(f"upload the offline W&B run with: wandb sync {s['wandb_dir']}/offline-run-*")
 
 
 # ---- command line ----
@@ -657,24 +359,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")
     return args, overrides
-
-
-def parse_overrides(parser: argparse.ArgumentParser, tokens: list[str]) -> list[str]:
-    """``--section.key=value`` or ``--section.key value`` tokens -> ``section.key=value`` strings."""
-    overrides, i = [], 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--") or "." not in token.split("=")[0]:
-            parser.error(f"unrecognized argument: {token}")
-        if "=" in token:
-            overrides.append(token[2:])
-        elif i + 1 < len(tokens):
-            overrides.append(f"{token[2:]}={tokens[i + 1]}")
-            i += 1
-        else:
-            parser.error(f"{token} needs a value")
-        i += 1
-    return overrides
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,278 @@
+"""The codebook's health rules: each one a part with its reason, its constants and its switch.
+
+Why rules at all: at initialisation a VQ-VAE's encoder outputs are tiny, and over the first hundred steps the
+optimizer moves them by as much as their spread, which then grows ~50-fold, almost all along one direction. A
+codebook that averages over 100 steps (decay 0.99 from the start) lags behind them; the codes left behind stop
+receiving rows and the few at the leading edge take them all: the seed configuration collapsed from perplexity
+2435 to 9 within 54 steps. bench/RESULTS.md ("Codebook health") measures each rule.
+
+A rule has only the hooks it needs (the base class's do nothing); `vqvae.codebook.Codebook` calls them, in the
+order of its rule list, at fixed points of its two procedures (`initialise_` and `_commit`):
+    buffers(num_codes, dim)              state the rule keeps (registered on the codebook, saved with it)
+    initialise_(book, rows, seed)        after the first batch seeded the codes (cluster_size = seed)
+    before_search_(book, rows, usable)   before each training batch is searched
+    decay(book, decay, rows_in_step)     the decay of this EMA step
+    after_blend_(book, counts, decay)    after the EMA step blended a batch in
+    activity(book)                       the count that deadness is read against (default: cluster_size)
+    upgrade_state(state, prefix, book)   fill the rule's state into a state dict saved without it
+
+`rules_from_options` turns the options into the list; its order matters where a rule reads what another wrote
+(FitWeight weighs LloydFit's counts; Restarts reads FitWeight's recent count). An empty list is the plain EMA
+quantizer of Sonnet's VectorQuantizerEMA (`vqvae.options.LEGACY`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vqvae.backend import TORCH
+from vqvae.options import QuantizerOptions
+from vqvae.seeding import draw_in_proportion
+from vqvae.sync import sum_moments_across_ranks, world_size
+
+VARIANCE_FLOOR = 1e-12  # of a feature's running variance: a constant feature must not be divided by zero
+# Every buffer a rule may keep: a state saved by a codebook with a rule that this one does not run drops them.
+RULE_BUFFERS = {"recent_count", "data_mean", "data_sq_mean"}
+
+
+class Rule:
+    name = "rule"
+    off: dict = {}  # the options that switch this rule off
+
+    def buffers(self, num_codes: int, dim: int) -> dict[str, torch.Tensor]:
+        return {}
+
+    def initialise_(self, book, rows: torch.Tensor, seed: float) -> None:
+        pass
+
+    def before_search_(self, book, rows: torch.Tensor, usable: torch.Tensor | None) -> None:
+        pass
+
+    def decay(self, book, decay: torch.Tensor, rows_in_step: torch.Tensor | None) -> torch.Tensor:
+        return decay
+
+    def after_blend_(self, book, counts: torch.Tensor, decay: torch.Tensor) -> None:
+        pass
+
+    def activity(self, book) -> torch.Tensor | None:
+        return None
+
+    def upgrade_state(self, state: dict, prefix: str, book) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class WarmupDecay(Rule):
+    """Step t (from 0) uses the decay min(decay, (1 + t) / (steps + t)): the codebook averages over about
+    1 + t / steps steps, so it starts as a k-means step on each batch and lengthens its memory as training settles
+    (0.5 at step 200, 0.75 at 600, 0.9 at 1800, 0.99 from step ~19700 with steps = 200). On recorded encoder
+    outputs of a seed run the lowest perplexity of steps 1-160 was 611 with steps = 10 and 1457 with 200.
+
+    The memory floor: at small batches the decay is raised so that the average holds at least `memory_rows` rows
+    per code (a decay of at least 1 - (rows per step / num_codes) / memory_rows), so that a code's count, which
+    decides whether it is dead, is not one batch's draw. The decay is a device tensor: no host read."""
+
+    name = "warmup"
+    off = {"ema_warmup": False}
+
+    def __init__(self, steps: int, memory_rows: int):
+        self.steps, self.memory_rows = steps, memory_rows
+
+    def decay(self, book, decay, rows_in_step):
+        steps = book.ema_steps.float()
+        warm = (1.0 + steps) / (self.steps + steps)
+        if rows_in_step is not None and self.memory_rows > 0:
+            warm = torch.maximum(warm, 1.0 - rows_in_step.float() / (book.num_codes * self.memory_rows))
+        return torch.minimum(decay, warm)
+
+
+class LloydFit(Rule):
+    """`iters` Lloyd iterations of the seeded codes on the first batch: each code moves to the mean of the rows
+    nearest it, and the counts of the last iteration start the EMA counts (a code k-means left empty starts dead).
+    Between iterations a code left with fewer rows than the first step would keep alive (the dead threshold, at
+    least one row) moves onto a row drawn as the restarts draw theirs, in proportion to its code's count, so the
+    next iteration splits the most used codes (the usual repair of empty clusters; at batch 16 the codes found dead
+    at step 1 fall from ~1100 to ~390 and steps 1-12 read up to 14% more, bench/RESULTS.md). The last iteration
+    moves none, so the counts it returns are measured. On CUDA it runs the codebook's backend; elsewhere the
+    PyTorch reference (Triton's interpreter would take seconds a search for a one-off step)."""
+
+    name = "lloyd"
+    off = {"kmeans_iters": 0}
+
+    def __init__(self, iters: int):
+        self.iters = iters
+
+    def initialise_(self, book, rows, seed):
+        counts = self._fit_(book, rows) * world_size()
+        # Without restarts nothing would revive an empty code, and a zero count would pull it to the origin.
+        book.cluster_size.copy_(counts if book.dead_code_threshold > 0 else counts.clamp(min=seed))
+
+    def _fit_(self, book, rows: torch.Tensor) -> torch.Tensor:
+        too_few = max(book.dead_code_threshold, 1.0)  # rows a step, all ranks together
+        backend = book.backend if rows.is_cuda else TORCH
+        for iteration in range(self.iters):
+            indices = book.nearest(rows) if rows.is_cuda else TORCH.nearest(rows, book.codebook, None)
+            counts, sums = backend.stats(rows, indices, book.num_codes)
+            means = sums / counts.clamp(min=1.0)[:, None]
+            if book.cosine:
+                means = F.normalize(means, dim=1)
+            book.codebook.copy_(torch.where(counts[:, None] > 0, means, book.codebook))
+            if iteration < self.iters - 1:
+                relocate = counts * world_size() < too_few
+                picks = draw_in_proportion(counts[indices], book.num_codes)
+                book.codebook.copy_(torch.where(relocate[:, None], rows[picks], book.codebook))
+        return counts
+
+
+class FitWeight(Rule):
+    """The first batch's fit enters the EMA as `steps` steps of its rows: at small batches, where the warm-up's
+    decay is floored, the codes hold the fit instead of following each small batch's draw of images. Deadness is
+    judged on `recent_count`, the same EMA started from the fit's own counts, so an unused code dies as soon as it
+    would without the weight. At the seed configuration's batch the first step's decay (0.005) spends the weight."""
+
+    name = "fit-weight"
+    off = {"fit_weight_steps": 1}
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def buffers(self, num_codes, dim):
+        return {"recent_count": torch.zeros(num_codes)}
+
+    def initialise_(self, book, rows, seed):
+        book.recent_count.copy_(book.cluster_size)
+        book.cluster_size.mul_(self.steps)
+
+    def after_blend_(self, book, counts, decay):
+        recent = book.recent_count
+        recent.copy_(torch.where(counts.sum() > 0, decay * recent + (1.0 - decay) * counts, recent))
+
+    def activity(self, book):
+        return book.recent_count
+
+    def upgrade_state(self, state, prefix, book):
+        # A state saved without it (an older checkpoint, an adapter's import): one count then.
+        if prefix + "cluster_size" in state and prefix + "recent_count" not in state:
+            state[prefix + "recent_count"] = state[prefix + "cluster_size"].clone()
+
+
+class MovingFrame(Rule):
+    """Affine re-parameterisation (after Huh et al. 2023, "Straightening out the straight-through estimator"): the
+    codes live in the frame of the data's running per-feature mean and standard deviation. Before each training
+    batch is searched the frame follows its moments and every code moves with it, c -> mean' + std' / std *
+    (c - mean), so when the encoder's outputs shift or grow every code follows at once, the unused ones too.
+
+    The moments average over ~`steps` batches and at least `rows` rows a code: a batch's mean depends on which
+    images it drew (the more so the fewer), and a frame that followed each batch would move every code by that
+    difference of content, which is no drift of the encoder. Eval mode leaves the frame where training left it."""
+
+    name = "frame"
+    off = {"affine_reparam": False}
+    STEPS = 8  # each training batch weighs at most 1 / STEPS in the running moments ...
+    ROWS = 128  # ... and at most its rows / (num_codes * ROWS)
+
+    def buffers(self, num_codes, dim):
+        # A second moment of 0 marks moments never measured.
+        return {"data_mean": torch.zeros(dim), "data_sq_mean": torch.zeros(dim)}
+
+    def initialise_(self, book, rows, seed):
+        book.data_mean.copy_(rows.mean(dim=0))
+        book.data_sq_mean.copy_(rows.square().mean(dim=0))
+
+    @staticmethod
+    def moments(book) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running per-feature mean and standard deviation of the data."""
+        variance = (book.data_sq_mean - book.data_mean.square()).clamp(min=VARIANCE_FLOOR)
+        return book.data_mean, variance.sqrt()
+
+    def before_search_(self, book, rows, usable):
+        """Blend the batch's moments (over the `usable` rows, finite and not masked out) into the running ones and
+        move every code, and its EMA sum, by the change of frame. A batch without rows changes nothing; the first
+        one measured (after initialisation, or a state saved without moments) sets the moments and moves no
+        code."""
+        rows = rows.float()
+        finite = torch.isfinite(rows).all(dim=1)
+        usable = finite if usable is None else finite & usable
+        n, row_sum, sq_sum = sum_moments_across_ranks(usable.sum().float(), torch.where(usable[:, None], rows, 0.0))
+        measured = book.data_sq_mean.sum() > 0
+        weight = torch.where(measured, (n / (book.num_codes * self.ROWS)).clamp(max=1.0 / self.STEPS), 1.0)
+        active = n > 0
+        old_mean, old_std = (t.clone() for t in self.moments(book))
+        per_row = n.clamp(min=1.0)
+        book.data_mean.copy_(torch.where(active, (1 - weight) * book.data_mean + weight * row_sum / per_row,
+                                         book.data_mean))
+        book.data_sq_mean.copy_(torch.where(active, (1 - weight) * book.data_sq_mean + weight * sq_sum / per_row,
+                                            book.data_sq_mean))
+        mean, std = self.moments(book)
+        move = active & measured
+        ratio = std / old_std
+        count = book.cluster_size[:, None]  # embed_sum = count * codebook, to the Laplace smoothing's eps
+        book.codebook.copy_(torch.where(move, mean + ratio * (book.codebook - old_mean), book.codebook))
+        book.embed_sum.copy_(torch.where(move, ratio * (book.embed_sum - count * old_mean) + count * mean,
+                                         book.embed_sum))
+
+    def upgrade_state(self, state, prefix, book):
+        if prefix + "codebook" in state and prefix + "data_mean" not in state:  # moments not measured yet
+            state[prefix + "data_mean"] = torch.zeros(book.dim)
+            state[prefix + "data_sq_mean"] = torch.zeros(book.dim)
+
+
+class Restarts(Rule):
+    """A code is dead when its activity (the EMA of its rows per step) falls under the codebook's dead threshold;
+    each EMA step re-seeds the dead codes from rows of the batch, with `count` as their EMA count (None: their
+    share of the step's rows), on the device, with no host synchronisation.
+
+    `proportional`: a row is drawn with probability proportional to the batch count of its code, so a region
+    receives new codes in proportion to its count squared: restarts split the most used codes first, which evens
+    out the usage faster than rows drawn uniformly (those follow the data's density). The shipped configs use a
+    quarter of a code's fair share (rows per step / K) as the threshold."""
+
+    name = "restarts"
+    off = {"dead_code_threshold": 0.0}
+
+    def __init__(self, count: float | None, proportional: bool):
+        self.count, self.proportional = count, proportional
+
+    def candidates(self, book, rows: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor):
+        """One row of the batch per code, and whether it may seed one (finite and not masked out: index >= 0)."""
+        learn = indices >= 0
+        weights = torch.where(learn, counts[indices.clamp(min=0)], 0.0) if self.proportional else learn.float()
+        picks = draw_in_proportion(weights, book.num_codes)
+        return rows[picks].float(), learn[picks]
+
+    def reseed_(self, book, dead, candidates, candidate_ok, rows_in_step: torch.Tensor) -> None:
+        reseed = dead & candidate_ok
+        if self.count is not None:
+            seed = torch.full_like(rows_in_step, self.count)
+        else:
+            seed = (rows_in_step / book.num_codes).clamp(min=book.seed_floor())  # a device scalar: no host sync
+        book.codebook.copy_(torch.where(reseed[:, None], candidates, book.codebook))
+        book.embed_sum.copy_(torch.where(reseed[:, None], candidates * seed, book.embed_sum))
+        for count in {id(t): t for t in (book.cluster_size, book.activity())}.values():
+            count.copy_(torch.where(reseed, seed, count))
+
+
+def rules_from_options(options: QuantizerOptions) -> list[Rule]:
+    """The rules that the options switch on, in the order the codebook runs them."""
+    rules: list[Rule] = []
+    if options.ema_warmup:
+        rules.append(WarmupDecay(options.ema_warmup_steps, options.memory_rows))
+    if options.kmeans_iters > 0:
+        rules.append(LloydFit(options.kmeans_iters))
+    if options.fit_weight_steps > 1:
+        rules.append(FitWeight(options.fit_weight_steps))
+    if options.affine_reparam:
+        rules.append(MovingFrame())
+    if options.dead_code_threshold > 0:
+        rules.append(Restarts(options.restart_count, options.proportional_restarts))
+    return rules
+
+
+# Each rule's name and the options that switch it off alone: the health benchmark's ablation.
+ABLATIONS = {rule.name: rule.off for rule in (WarmupDecay, LloydFit, FitWeight, MovingFrame, Restarts)}
+ABLATIONS["proportional"] = {"proportional_restarts": False}
+ABLATIONS["memory-floor"] = {"memory_rows": 0}
