@@ -36,13 +36,14 @@ class StageRun:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.stage:
         return run_stage_body(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     selected = [stage(name) for name in args.stages.split(",")] if args.stages else list(STAGES)
-    start_report(out, args, keep_others=bool(args.stages))
+    start_report(out, args, command="python -m bench.gpu_report " + " ".join(argv), keep_others=bool(args.stages))
     site = install_wheels(Path(args.wheels), out)
     runs = [StageRun(s.name, stage_command(s.name, out, args.smoke, s.limit(args.smoke)), s.limit(args.smoke))
             for s in selected]
@@ -79,10 +80,10 @@ def parse_args(argv):
 # -- the report's header ---------------------------------------------------------------------------------------
 
 
-def start_report(out: Path, args, keep_others: bool) -> None:
+def start_report(out: Path, args, command: str, keep_others: bool) -> None:
     report = record.load(out) if keep_others else {}
     report["run"] = {
-        "command": "python -m bench.gpu_report " + " ".join(sys.argv[1:]),
+        "command": command,
         "smoke": args.smoke,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": args.commit or git_commit(),

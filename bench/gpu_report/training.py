@@ -1,9 +1,10 @@
 """The training stage: `python -m vqvae.train` on the seed configuration in bf16, for about two minutes, measured.
 
-The trainer runs through its own entry point (`vqvae.train.main`, the same arguments as on the command line) in
-this process, so that two global module hooks it knows nothing of can time its quantizer (`QuantizerProbe`) and
-stop it when the stage's time is nearly up. The rest comes from the run's metrics.jsonl (images per second and
-perplexity at every step) and from the CUDA allocator (peak memory).
+The trainer runs as `python -m vqvae.train` runs it (`runpy`, with the same arguments), but in this process, so
+that two global module hooks it knows nothing of can time its quantizer (`QuantizerProbe`: the forward pass, which
+holds the search, the EMA update and the restarts; its backward is the straight-through identity) and stop it when
+the stage's time is nearly up. The rest comes from the run's metrics.jsonl (images per second and perplexity at
+every step) and from the CUDA allocator (peak memory).
 
 The run is the seed configuration as `config/vqvae_naruto.yaml` has it (64 images of 128 px: 65536 rows of 256
 features a step, 4096 codes, bf16 autocast with the quantizer in fp32) on the built-in photographs, with W&B off
@@ -12,6 +13,7 @@ features a step, 4096 codes, bf16 autocast with the quantizer in fp32) on the bu
 
 import contextlib
 import json
+import runpy
 import shutil
 import statistics
 import sys
@@ -109,7 +111,6 @@ class QuantizerProbe:
 def train_and_measure(ctx: Context) -> None:
     """Train until the stage's clock says stop, then record the figures (those of the steps done so far, should the
     trainer fail)."""
-    from vqvae import train as trainer  # noqa: PLC0415
     from vqvae.quantizer import VectorQuantizerEMA  # noqa: PLC0415
     from vqvae.residual import ResidualVectorQuantizerEMA  # noqa: PLC0415
 
@@ -123,7 +124,7 @@ def train_and_measure(ctx: Context) -> None:
     stopped = "the trainer failed (training.log)"
     try:
         with probe.installed():
-            trainer.main(argv)
+            run_trainer(argv)
         stopped = "the run reached train.max_steps"
     except TimeUp:
         stopped = "stopped by the stage's clock"
@@ -133,6 +134,19 @@ def train_and_measure(ctx: Context) -> None:
                       stopped=stopped, trained_s=trained_s, wandb_imported="wandb" in sys.modules,
                       peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_trainer(argv: list[str]) -> None:
+    """`python -m vqvae.train ARGV`, in this process."""
+    saved = sys.argv
+    sys.argv = ["vqvae.train", *argv]
+    try:
+        runpy.run_module("vqvae.train", run_name="__main__", alter_sys=True)
+    except SystemExit as done:
+        if done.code not in (None, 0):
+            raise
+    finally:
+        sys.argv = saved
 
 
 def run_figures(metrics_path: Path, quantizer_s: list[float], batch: int) -> dict:
