@@ -39,8 +39,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import kernels  # noqa: E402
 import kernels._common  # noqa: E402
-
-NEAREST = sys.modules["kernels.nearest_code"]  # the package exports a function of the same name
+import kernels.nearest_exact  # noqa: E402
+import kernels.nearest_pass  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Shared memory one block may use (opt-in maximum), by compute capability: a kernel that compiles but needs more
 # fails at launch.
@@ -71,16 +71,16 @@ def recording(launches: list, case: str):
         launches.append(Launch(self, args, kwargs, case))
 
     saved = (triton.runtime.JITFunction.run, triton.runtime.Autotuner.run, kernels._common.INTERPRET,
-             NEAREST._fallback_programs)
+             kernels.nearest_exact._fallback_programs)
     triton.runtime.JITFunction.run = record
     triton.runtime.Autotuner.run = record
     kernels._common.INTERPRET = True  # check_device: CPU tensors stand in for CUDA ones
-    NEAREST._fallback_programs = lambda device: 132  # an H100's SMs (the grid does not change the code)
+    kernels.nearest_exact._fallback_programs = lambda device: 132  # an H100's SMs (the grid does not change the code)
     try:
         yield
     finally:
         (triton.runtime.JITFunction.run, triton.runtime.Autotuner.run, kernels._common.INTERPRET,
-         NEAREST._fallback_programs) = saved
+         kernels.nearest_exact._fallback_programs) = saved
 
 
 def quantizer_calls():
@@ -150,12 +150,12 @@ def configurations(launch: Launch, shared_limit: int) -> list[tuple[dict, dict]]
     configs = launch.kernel.configs
     prune = launch.kernel.early_config_prune
     if prune is not None:
-        saved = NEAREST.shared_memory_limit
-        NEAREST.shared_memory_limit = lambda: shared_limit
+        saved = kernels.nearest_pass.shared_memory_limit
+        kernels.nearest_pass.shared_memory_limit = lambda: shared_limit
         try:
             configs = prune(configs, dict(zip(launch.fn.arg_names, launch.args)), **launch.kwargs)
         finally:
-            NEAREST.shared_memory_limit = saved
+            kernels.nearest_pass.shared_memory_limit = saved
     return [(c.kwargs, {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in configs]
 
 

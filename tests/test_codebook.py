@@ -181,6 +181,32 @@ def test_dead_codes_are_reseeded_where_the_most_used_codes_are(backend, device):
     assert in_light <= 2, f"{in_light} of {num_codes - 65} re-seeds landed among the rarely used codes"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_error_draws_reseed_where_rows_sit_far_from_their_code_and_never_on_held_copies(backend, device):
+    """960 copies of one vector (a flat background) sit exactly on code 0; 64 rows scatter around another code. Draws
+    by usage would put nearly every new code on the copies, which code 0 already holds (the new codes would then tie
+    with it, lose, and die again); draws by error take only the scattered rows."""
+    num_codes, dim = 256, 4
+    flat = torch.full((960, dim), 2.0, device=device)
+    scatter_centre = torch.full((dim,), -20.0, device=device)
+    scattered = scatter_centre + 3.0 * torch.randn(64, dim, device=device)
+    rows = torch.cat([flat, scattered])
+    quantizer = VectorQuantizerEMA(num_codes, dim, backend=backend, dead_code_threshold=1.0, affine_reparam=False,
+                                   restart_draws="error").to(device)
+    quantizer(rows)
+    with torch.no_grad():
+        quantizer.codebook.copy_(100.0 + torch.randn(num_codes, dim, device=device))
+        quantizer.codebook[0], quantizer.codebook[1] = flat[0], scatter_centre
+        quantizer.book.cluster_size.fill_(0.01)
+        quantizer.book.cluster_size[0], quantizer.book.cluster_size[1] = 960.0, 64.0
+        quantizer.book.recent_count.copy_(quantizer.book.cluster_size)
+        quantizer.book.embed_sum.copy_(quantizer.codebook * quantizer.book.cluster_size[:, None])
+    quantizer(rows)
+    reseeded = quantizer.codebook[2:]
+    on_scattered = (reseeded[:, None] == scattered[None]).all(dim=-1).any(dim=1)
+    assert on_scattered.all(), f"{(~on_scattered).sum().item()} of {num_codes - 2} re-seeds missed the scattered rows"
+
+
 def test_draws_in_proportion_never_pick_a_weightless_row(device):
     weights = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0], device=device)
     picks = draw_in_proportion(weights, 40000)

@@ -20,7 +20,7 @@ CHANGED = {
     "num_codes": 32, "decay": 0.9, "eps": 1e-4, "commitment_weight": 0.5, "backend": "torch", "precision": "fast",
     "deterministic": True, "init": "kmeans++", "kmeans_iters": 3, "ema_warmup": False, "ema_warmup_steps": 50,
     "memory_rows": 8, "fit_weight_steps": 4, "affine_reparam": False, "dead_code_threshold": 0.5,
-    "restart_count": 2.0, "proportional_restarts": False, "codebook_dim": 8, "cosine": True,
+    "restart_count": 2.0, "restart_draws": "uniform", "codebook_dim": 8, "cosine": True,
     "num_quantizers": 2, "shared_codebook": True, "layer_dropout": True, "min_layers": 2,
 }
 
@@ -64,7 +64,7 @@ def test_a_single_quantizer_saves_every_option(tmp_path):
     loaded = VectorQuantizerEMA.from_pretrained(tmp_path / "q")
     assert loaded.options == quantizer.options and loaded.dim == 16
     assert torch.equal(loaded.codebook, quantizer.codebook)
-    assert "proportional_restarts=False" in repr(loaded)
+    assert "restart_draws='uniform'" in repr(loaded)
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -93,6 +93,12 @@ def test_codebook_dim_zero_of_older_configs_means_no_projection():
     assert QuantizerOptions(codebook_dim=0).codebook_dim is None
     with pytest.raises(OptionError, match="codebook_dim must be an int >= 1"):
         QuantizerOptions(codebook_dim=-1)
+
+
+def test_proportional_restarts_of_older_configs_and_folders_reads_as_restart_draws(tmp_path):
+    cfg = load_config(_write(tmp_path, "quantizer:\n  proportional_restarts: false\n"))
+    assert cfg.quantizer.restart_draws == "uniform"
+    assert VectorQuantizerEMA(64, 8, proportional_restarts=True).options.restart_draws == "usage"
 
 
 def _write(tmp_path, text):

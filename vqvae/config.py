@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from vqvae.options import OptionError, QuantizerOptions, ResidualOptions, config_fields
+from vqvae.options import OptionError, QuantizerOptions, ResidualOptions, config_fields, renamed_options
 
 
 class ConfigError(ValueError):
@@ -158,6 +158,8 @@ def config_from_dict(raw: dict, source: str, check: bool = True) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}' in {source} must be a mapping, got {values!r}")
         sub = getattr(cfg, section)
+        if section == "quantizer":
+            values = renamed_options(values)
         for key, value in values.items():
             _set(sub, f"{section}.{key}", key, value, source)
     if check:

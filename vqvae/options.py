@@ -16,6 +16,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from kernels import PRECISIONS
 
 BACKENDS = ("auto", "triton", "torch")
+RESTART_DRAWS = ("usage", "error", "uniform")
 INITS = ("kmeans++", "random")
 LAYOUTS = ("auto", "channels_first", "channels_last")
 
@@ -65,8 +66,9 @@ class QuantizerOptions:
                                              "0 = off", low=0.0)
     restart_count: float | None = option(None, "rule Restarts: EMA count of a re-seeded code; None = its share "
                                                "of a step's rows", low=0.0, open_low=True)
-    proportional_restarts: bool = option(True, "rule Restarts: draw new codes' rows in proportion to their "
-                                               "code's count (False: uniformly)")
+    restart_draws: str = option("usage", "rule Restarts: which batch rows seed dead codes: in proportion to "
+                                         "their code's count ('usage'), to their distance from it ('error'), "
+                                         "or 'uniform'", choices=RESTART_DRAWS)
     codebook_dim: int | None = option(None, "search a learned projection to this many features; None = the "
                                             "input's own", low=1)
     cosine: bool = option(False, "l2-normalised vectors and codes: nearest = most similar direction")
@@ -162,6 +164,17 @@ def _base_type(kind) -> type:
 
 def _type_name(kind) -> str:
     return f"{_base_type(kind).__name__} or None" if _allows_none(kind) else kind.__name__
+
+
+def renamed_options(values: dict) -> dict:
+    """Options as configs, checkpoints and config.json files wrote them before a rename, in today's names:
+    `proportional_restarts` (true: draws by usage; false: uniform) is now `restart_draws`."""
+    if "proportional_restarts" not in values:
+        return values
+    values = dict(values)
+    old = values.pop("proportional_restarts")
+    values.setdefault("restart_draws", "usage" if old else "uniform")
+    return values
 
 
 def config_fields(options_class) -> list[dataclasses.Field]:

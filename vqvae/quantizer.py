@@ -33,7 +33,7 @@ from vqvae.codebook import Codebook
 from vqvae.hub import HubMixin
 from vqvae.layout import from_rows, grid_shape, mask_rows, to_rows
 from vqvae.metrics import code_counts, perplexity
-from vqvae.options import QuantizerOptions
+from vqvae.options import QuantizerOptions, renamed_options
 
 
 class QuantizerOutput(NamedTuple):
@@ -95,7 +95,7 @@ class VectorQuantizerEMA(nn.Module, HubMixin):
 
     def __init__(self, num_codes: int = 4096, dim: int = 256, *args, **kwargs):
         super().__init__()
-        self.options = options = QuantizerOptions(num_codes, *args, **kwargs)
+        self.options = options = QuantizerOptions(num_codes, *args, **renamed_options(kwargs))
         self.dim = dim
         self.book = Codebook(options.codebook_dim or dim, options)
         if options.codebook_dim is not None:

@@ -51,7 +51,7 @@ from torch import nn
 
 from vqvae.hub import HubMixin
 from vqvae.layout import from_rows, grid_shape, mask_rows, to_rows
-from vqvae.options import QuantizerOptions, ResidualOptions
+from vqvae.options import QuantizerOptions, ResidualOptions, renamed_options
 from vqvae.codebook import Codebook
 from vqvae.quantizer import ResidualQuantizerOutput, VectorQuantizerEMA  # noqa: F401  (re-exported)
 
@@ -74,6 +74,7 @@ class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
 
     def __init__(self, num_quantizers: int, num_codes: int = 4096, dim: int = 256, **kwargs):
         super().__init__()
+        kwargs = renamed_options(kwargs)
         stack = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(ResidualOptions) if f.name in kwargs}
         self.residual = ResidualOptions(num_quantizers, **stack)
         self.num_quantizers, self.num_codes, self.dim = num_quantizers, num_codes, dim

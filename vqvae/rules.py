@@ -226,21 +226,30 @@ class Restarts(Rule):
     each EMA step re-seeds the dead codes from rows of the batch, with `count` as their EMA count (None: their
     share of the step's rows), on the device, with no host synchronisation.
 
-    `proportional`: a row is drawn with probability proportional to the batch count of its code, so a region
-    receives new codes in proportion to its count squared: restarts split the most used codes first, which evens
-    out the usage faster than rows drawn uniformly (those follow the data's density). The shipped configs use a
-    quarter of a code's fair share (rows per step / K) as the threshold."""
+    `draws` picks the batch rows: "usage" draws a row with probability proportional to the batch count of its
+    code, so a region receives new codes in proportion to its count squared: restarts split the most used codes
+    first, which evens out the usage faster than rows drawn uniformly (those follow the data's density; "uniform").
+    "error" draws a row in proportion to its squared distance from its code (k-means++'s rule): new codes go where
+    the codebook serves the rows worst, and not onto copies of a row that a code already holds (on images with
+    large flat areas, most rows are such copies). The shipped configs use a quarter of a code's fair share
+    (rows per step / K) as the threshold."""
 
     name = "restarts"
     off = {"dead_code_threshold": 0.0}
 
-    def __init__(self, count: float | None, proportional: bool):
-        self.count, self.proportional = count, proportional
+    def __init__(self, count: float | None, draws: str):
+        self.count, self.draws = count, draws
 
     def candidates(self, book, rows: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor):
         """One row of the batch per code, and whether it may seed one (finite and not masked out: index >= 0)."""
         learn = indices >= 0
-        weights = torch.where(learn, counts[indices.clamp(min=0)], 0.0) if self.proportional else learn.float()
+        code = indices.clamp(min=0)
+        if self.draws == "usage":
+            weights = torch.where(learn, counts[code], 0.0)
+        elif self.draws == "error":
+            weights = torch.where(learn, (rows.float() - book.codebook[code]).square().sum(dim=1), 0.0)
+        else:
+            weights = learn.float()
         picks = draw_in_proportion(weights, book.num_codes)
         return rows[picks].float(), learn[picks]
 
@@ -268,11 +277,11 @@ def rules_from_options(options: QuantizerOptions) -> list[Rule]:
     if options.affine_reparam:
         rules.append(MovingFrame())
     if options.dead_code_threshold > 0:
-        rules.append(Restarts(options.restart_count, options.proportional_restarts))
+        rules.append(Restarts(options.restart_count, options.restart_draws))
     return rules
 
 
 # Each rule's name and the options that switch it off alone: the health benchmark's ablation.
 ABLATIONS = {rule.name: rule.off for rule in (WarmupDecay, LloydFit, FitWeight, MovingFrame, Restarts)}
-ABLATIONS["proportional"] = {"proportional_restarts": False}
+ABLATIONS["proportional"] = {"restart_draws": "uniform"}
 ABLATIONS["memory-floor"] = {"memory_rows": 0}
