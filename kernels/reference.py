@@ -8,35 +8,46 @@ They compute in fp32, or in fp64 when given fp64 inputs: the tests' high-precisi
 
 import torch
 
-DEFAULT_CHUNK_ROWS = 4096
+DEFAULT_CHUNK_ROWS = DEFAULT_CHUNK_CODES = 4096
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                 chunk_codes: int = DEFAULT_CHUNK_CODES):
     """Index (int64 [N]) and squared L2 distance (float32 [N], fp64 for fp64 inputs) of the nearest codebook row.
 
-    Works through x in chunks of `chunk_rows`, so at most chunk_rows x K distances exist at once. Like the kernel,
-    it centres both sides on the codebook mean (distances are unchanged; rounding error shrinks), and gives rows
-    holding NaN or inf (or whose squared norm overflows) index -1 and distance NaN.
+    Works through x in chunks of `chunk_rows` and the codebook in chunks of `chunk_codes`, keeping each row's
+    running minimum, so at most chunk_rows x chunk_codes scores exist at once whatever N and K (64 MiB by default).
+    Ties go to the lower index (a later chunk must score strictly lower). Like the kernel, it centres both sides on
+    the codebook mean (distances are unchanged; rounding error shrinks), and gives rows holding NaN or inf (or whose
+    squared norm overflows) index -1 and distance NaN.
     """
     dtype = _compute_dtype(x, codebook)
     codes = codebook.to(dtype)
     center = codes.mean(dim=0)
     centred_codes = codes - center
     code_sqnorm = centred_codes.square().sum(dim=1)
+    num_codes = codes.shape[0]
     indices = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     sq_dist = torch.empty(x.shape[0], dtype=dtype, device=x.device)
-    # One score buffer for every chunk: a fresh chunk_rows x K allocation per chunk costs page faults on the CPU.
-    scores = torch.empty(min(chunk_rows, x.shape[0]), codes.shape[0], dtype=dtype, device=x.device)
+    # One score buffer for every tile: a fresh allocation per tile costs page faults on the CPU.
+    scores = torch.empty(min(chunk_rows, x.shape[0]), min(chunk_codes, num_codes), dtype=dtype, device=x.device)
     for start in range(0, x.shape[0], chunk_rows):
         rows = x[start : start + chunk_rows].to(dtype)
-        chunk_scores = scores[: rows.shape[0]]
-        # score_k = |c_k|^2 - 2 x.c_k: the distance less |x|^2, which is the same for every code of a row.
-        torch.addmm(code_sqnorm, rows - center, centred_codes.T, alpha=-2.0, out=chunk_scores)
-        chosen = chunk_scores.argmin(dim=1)
+        best = torch.full((rows.shape[0],), float("inf"), dtype=dtype, device=x.device)
+        chosen = torch.zeros(rows.shape[0], dtype=torch.int64, device=x.device)
+        for k0 in range(0, num_codes, chunk_codes):
+            tile = scores[: rows.shape[0], : min(chunk_codes, num_codes - k0)]
+            # score_k = |c_k|^2 - 2 x.c_k: the distance less |x|^2, which is the same for every code of a row.
+            torch.addmm(code_sqnorm[k0 : k0 + chunk_codes], rows - center, centred_codes[k0 : k0 + chunk_codes].T,
+                        alpha=-2.0, out=tile)
+            low, col = tile.min(dim=1)
+            better = low < best  # also false for NaN scores: a non-finite row keeps index 0, then gets -1 below
+            best = torch.where(better, low, best)
+            chosen = torch.where(better, col + k0, chosen)
         dist = (rows - codes[chosen]).square().sum(dim=1)
         finite = torch.isfinite(rows.square().sum(dim=1))  # as the kernel: NaN, inf or overflow of |x|^2
         indices[start : start + chunk_rows] = torch.where(finite, chosen, -1)

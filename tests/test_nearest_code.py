@@ -117,6 +117,18 @@ def test_reference_chooses_a_nearest_code(device):
     x, codebook = _inputs(1023, 37, 200, torch.float32, device)
     indices, sq_dist = reference.nearest_code(x, codebook, chunk_rows=100)  # several chunks, a ragged last one
     _assert_nearest(x, codebook, indices, sq_dist, "exact")
+    # Chunks of codes too (ragged: 37 = 4 x 8 + 5), with a running minimum: the same answer as one chunk.
+    tiled, tiled_dist = reference.nearest_code(x, codebook, chunk_rows=100, chunk_codes=8)
+    _assert_nearest(x, codebook, tiled, tiled_dist, "exact")
+
+
+def test_reference_across_chunks_of_codes_gives_ties_to_the_lower_index(device):
+    codebook = torch.randn(5, 8, device=device).repeat(7, 1)  # 35 codes, copies in every chunk of 3
+    x = torch.cat([codebook[:5] + 0.001 * torch.randn(5, 8, device=device),
+                   torch.tensor([[float("nan")] * 8], device=device)])
+    indices, sq_dist = reference.nearest_code(x, codebook, chunk_codes=3)
+    assert indices.tolist() == [0, 1, 2, 3, 4, -1]
+    assert torch.isnan(sq_dist[-1])
 
 
 @pytest.mark.parametrize("precision", ["exact", "fast"])

@@ -62,7 +62,7 @@ def test_a_few_steps_learn_log_and_write_checkpoints_grids_and_an_offline_wandb_
     assert np.mean([r["train/perplexity"] for r in rows[-10:]]) > 8  # far from collapse onto a few codes
     evals = read_metrics(run_dir, "val/")
     assert [r["step"] for r in evals] == [20, 40]
-    assert all(r["val/psnr"] > 0 and r["val/perplexity"] >= 1 for r in evals)
+    assert all(r["val/psnr"] > 0 and 0 < r["val/ssim"] <= 1 and r["val/perplexity"] >= 1 for r in evals)
 
     assert sorted(p.name for p in run_dir.glob("ckpt_*.pt")) == ["ckpt_0000030.pt", "ckpt_0000040.pt"]
     assert (run_dir / "best.pt").is_file()

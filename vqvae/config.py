@@ -88,6 +88,11 @@ class TrainConfig:
     usage_window: int = 100  # steps over which "codes used" is counted
     eval_every: int = 1000
     eval_batches: int = 0  # validation batches per evaluation; 0 = the whole validation split
+    # Besides PSNR and SSIM (always): "lpips", "rfid" or "lpips,rfid", when their weights are there
+    # (vqvae/quality.py: where they are looked for; "" paths = torch hub's cache)
+    eval_metrics: str = ""
+    lpips_weights: str = ""  # torchvision's vgg16-397923af.pth
+    inception_weights: str = ""  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
     ckpt_every: int = 1000
     keep_last: int = 3  # step checkpoints kept besides best.pt
     resume: str = "auto"  # "auto" (latest checkpoint in out_dir, if any), "never", or a checkpoint path
@@ -218,7 +223,14 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"data.name must name a hub dataset when data.source is 'hf' in {source}")
     if cfg.data.source == "folder" and not cfg.data.path:
         raise ConfigError(f"data.path must name an image folder when data.source is 'folder' in {source}")
+    unknown = {m.strip() for m in cfg.train.eval_metrics.split(",") if m.strip()} - {"lpips", "rfid"}
+    if unknown:
+        raise ConfigError(f"train.eval_metrics: unknown metric(s) {', '.join(sorted(unknown))} (choose from lpips, "
+                          f"rfid, comma-separated; PSNR and SSIM are always reported) in {source}")
     factor = 2 ** cfg.model.num_downsamples
+    if cfg.data.image_size < 11:
+        raise ConfigError(f"data.image_size ({cfg.data.image_size}) is too small: SSIM's window needs at least "
+                          f"11 pixels in {source}")
     if cfg.data.image_size % factor:
         raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be divisible by 2**model.num_downsamples "
                           f"({factor}) in {source}")

@@ -43,7 +43,7 @@ from vqvae.config import Config, ConfigError, config_to_yaml, load_config
 from vqvae.data import DataError, available_cpus, make_datasets, make_loader, usable_workers
 from vqvae.distributed import (Processes, barrier, gather_rng_states, main_process_first, mean_over_ranks, restore_rng,
                                start_processes, stop_processes, wrap_model)
-from vqvae.evaluation import evaluate, recon_loss_fn
+from vqvae.evaluation import evaluate, quality_meter, recon_loss_fn
 from vqvae.images import reconstruction_grid, usage_histogram
 from vqvae.metrics import CodeUsage
 from vqvae.model import VQVAE, build_model, count_parameters
@@ -164,10 +164,10 @@ def usage_codes(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     return torch.where(indices >= 0, indices + offsets, -1)
 
 
-def evaluate_and_log(model, val_loader, cfg: Config, device, run_dir: Path, step: int, metrics_file, run,
+def evaluate_and_log(model, val_loader, meter, cfg: Config, device, run_dir: Path, step: int, metrics_file, run,
                      bar) -> tuple[dict, Path]:
     """Score the validation split, write the reconstruction grid and the codebook-usage chart, log all three."""
-    metrics, sample = evaluate(model, val_loader, cfg, device, cfg.train.eval_batches)
+    metrics, sample = evaluate(model, val_loader, cfg, device, cfg.train.eval_batches, meter)
     grid = reconstruction_grid(*sample)
     grid_path = run_dir / f"recon_{step:07d}.png"
     grid.save(grid_path)
@@ -176,8 +176,9 @@ def evaluate_and_log(model, val_loader, cfg: Config, device, run_dir: Path, step
     hist.save(run_dir / f"usage_{step:07d}.png")  # in the run folder too: W&B may be off or never synced
     log(metrics_file, run, step, {f"val/{k}": v for k, v in metrics.items()},
         images={"val/reconstructions": grid, "val/codebook_usage": hist})
+    extra = "".join(f"  {k} {metrics[k]:.4f}" for k in ("lpips", "rfid") if k in metrics)
     bar.write(f"step {step}: val recon {metrics['recon_loss']:.4f}  psnr {metrics['psnr']:.2f} dB  "
-              f"perplexity {metrics['perplexity']:.1f}  usage {metrics['usage']:.0%}  -> {grid_path}")
+              f"ssim {metrics['ssim']:.4f}{extra}  perplexity {metrics['perplexity']:.1f}  usage {metrics['usage']:.0%}  -> {grid_path}")
     return metrics, grid_path
 
 
@@ -232,6 +233,9 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
                          world_size=procs.world_size)
     val_loader = (make_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, train=False, pin_memory=pin)
                   if procs.main else None)  # only rank 0 evaluates
+    meter = quality_meter(cfg, device) if procs.main else None
+    for metric, why in (meter.unavailable.items() if meter else ()):
+        say(f"train.eval_metrics: {metric} {why}")
     say(f"device {device}; model {count_parameters(model) / 1e6:.2f}M parameters; data {train_set.source.name}: "
         f"{len(train_set.source)} training / {len(val_set.source)} validation images, "
         f"{len(train_set)} / {len(val_set)} samples per epoch; run folder {run_dir}")
@@ -302,7 +306,7 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
                 if evaluate_now:
                     # the bare model in eval mode: the quantizer neither learns nor all-reduces, so rank 0
                     # makes no collective call while the others wait
-                    last_eval, grid_path = evaluate_and_log(model, val_loader, cfg, device, run_dir, step,
+                    last_eval, grid_path = evaluate_and_log(model, val_loader, meter, cfg, device, run_dir, step,
                                                             metrics_file, run, bar)
                     written.append(grid_path)
                     if last_eval["recon_loss"] < progress.best_val:

@@ -1,0 +1,129 @@
+"""Judging tokenizers (vqvae/quality.py, vqvae/evaluation.py, vqvae/evaluate.py): each figure against an
+independent computation, the "unavailable" path of the network metrics, and two checkpoints compared end to end.
+
+LPIPS and rFID with their real networks are not run here: they need torchvision, whose wheels on the package
+registries are built against CUDA's libtorch and do not load with the CPU build of torch these machines use."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.test_train import tiny_config
+from vqvae.checkpoint import save_checkpoint
+from vqvae.config import ConfigError, config_to_dict, validate
+from vqvae.evaluate import main as evaluate_main
+from vqvae.model import build_model
+from vqvae.quality import QualityMeter, ssim
+
+
+def _images(n=4, size=32):
+    return torch.rand(n, 3, size, size) * 2 - 1
+
+
+def test_psnr_is_the_mean_over_images_of_each_images_psnr_on_unit_pixels():
+    originals = torch.zeros(2, 3, 16, 16)
+    recons = torch.stack([torch.full((3, 16, 16), 0.2), torch.full((3, 16, 16), -0.02)])  # [0,1] errors 0.1, 0.01
+    meter = QualityMeter()
+    meter.update(originals, recons)
+    figures = meter.compute()
+    assert figures["psnr"] == pytest.approx((20.0 + 40.0) / 2, abs=1e-4)
+    assert figures["mse"] == pytest.approx((0.04 + 0.0004) / 2, rel=1e-5)
+    assert figures["images"] == 2
+
+
+def test_ssim_of_an_image_with_itself_is_one_and_falls_with_noise():
+    images = _images(3, 48)
+    smooth = torch.nn.functional.avg_pool2d(images, 5, stride=1, padding=2)  # structure for SSIM to see
+    assert torch.allclose(ssim(smooth, smooth), torch.ones(3), atol=1e-6)
+    scores = [ssim((smooth + sigma * torch.randn_like(smooth)).clamp(-1, 1), smooth).mean().item()
+              for sigma in (0.05, 0.1, 0.2, 0.4)]
+    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+    assert scores[0] < 1.0
+    with pytest.raises(ValueError, match="at least 11 x 11"):
+        ssim(_images(1, 8), _images(1, 8))
+
+
+def test_a_network_metric_without_weights_is_unavailable_naming_the_file_and_the_rest_still_run(tmp_path):
+    missing = tmp_path / "nowhere" / "vgg.pth"
+    meter = QualityMeter(["lpips", "rfid"], weights={"lpips": str(missing)})
+    assert not meter.networks
+    meter.update(_images(), _images())
+    figures = meter.compute()
+    assert figures["lpips"].startswith("unavailable: no weights file at") and str(missing) in figures["lpips"]
+    assert "weights-inception-2015-12-05-6726825d.pth" in figures["rfid"]  # torch hub's cache, where it looked
+    assert isinstance(figures["psnr"], float) and isinstance(figures["ssim"], float)
+    with pytest.raises(ValueError, match="unknown metric"):
+        QualityMeter(["fid"])
+
+
+def test_eval_metrics_and_image_size_are_checked_by_name(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.train.eval_metrics = "lpips,fid"
+    with pytest.raises(ConfigError, match="train.eval_metrics: unknown metric"):
+        validate(cfg, "test")
+    cfg = tiny_config(tmp_path)
+    cfg.data.image_size, cfg.model.num_downsamples = 8, 1
+    with pytest.raises(ConfigError, match=r"data.image_size \(8\) is too small"):
+        validate(cfg, "test")
+
+
+def _checkpoint(path, layers):
+    cfg = tiny_config(path.parent / "run")
+    cfg.quantizer.num_quantizers = layers
+    model = build_model(cfg).train()
+    for _ in range(3):
+        model(_images(4))
+    save_checkpoint(path, {"model": model.state_dict(), "config": config_to_dict(cfg), "step": 3})
+    return path
+
+
+def test_two_checkpoints_side_by_side(tmp_path, capsys):
+    a, b = _checkpoint(tmp_path / "a.pt", 1), _checkpoint(tmp_path / "b.pt", 2)
+    out = tmp_path / "eval"
+    evaluate_main(["--checkpoint", str(a), str(b), "--out", str(out), "--batch-size", "3", "--worst", "4"])
+    results = json.loads((out / "metrics.json").read_text())
+    assert [r["checkpoint"] for r in results] == [str(a), str(b)]
+    positions = (32 // 4) ** 2  # the tiny model's 8 x 8 grid
+    for r, layers in zip(results, (1, 2)):
+        assert r["images"] == 8 and r["split"] == "val" and r["step"] == 3
+        assert r["bits_per_image"] == pytest.approx(math.log2(64) * positions * layers)
+        assert 0 < r["entropy_bits_per_image"] <= r["bits_per_image"]
+        assert 0 < r["usage"] <= 1 and r["perplexity"] >= 1 and 0 < r["ssim"] <= 1
+        assert r["lpips"].startswith("unavailable") and r["rfid"].startswith("unavailable")
+        assert r["worst_by"] == "mse"
+    assert "layer2/perplexity" in results[1] and "layer2/perplexity" not in results[0]
+    table = (out / "table.md").read_text()
+    assert f"1: `{a}`" in table and f"2: `{b}`" in table and "| LPIPS (VGG) | unavailable | unavailable |" in table
+    assert "vgg16-397923af.pth" in table  # why, below the table
+    for n in (1, 2):
+        assert (out / f"worst_{n}.png").stat().st_size > 0 and (out / f"usage_{n}.png").stat().st_size > 0
+
+
+def test_the_worst_images_are_those_with_the_largest_error(tmp_path):
+    from vqvae.evaluate import WorstImages  # noqa: PLC0415
+
+    tracker = WorstImages(2, "mse")
+    for scores in (torch.tensor([0.1, 0.5, 0.2]), torch.tensor([0.4, 0.05])):
+        images = scores[:, None, None, None].expand(-1, 3, 4, 4)  # each image carries its own score
+        tracker(images, images, {"mse": scores})
+    assert tracker.scores.tolist() == pytest.approx([0.5, 0.4])
+    assert tracker.originals[:, 0, 0, 0].tolist() == pytest.approx([0.5, 0.4])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "missing/best.pt"], "checkpoint not found: missing/best.pt"),
+    (["--checkpoint", "{folder}"], "{folder}"),
+    (["--checkpoint", "{ckpt}", "--data.image_size=2"], "data.image_size (2) is too small"),
+])
+def test_bad_input_is_named(tmp_path, capsys, args, message):
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    ckpt = _checkpoint(tmp_path / "a.pt", 1)
+    args = [a.format(folder=folder, ckpt=ckpt) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(args + ["--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2
+    assert message.format(folder=folder) in capsys.readouterr().err
