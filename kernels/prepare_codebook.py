@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_matrix, load_tile
+from ._common import INTERPRET, check_device, check_matrix, load_tile
 
 OPERAND_DTYPE = torch.float16
 OPERAND_TOP = tl.constexpr(14)  # entries scaled to below 2**14: fp16 overflows past 65504 ~ 2**16
@@ -122,7 +122,9 @@ def prepare_codebook(codebook: torch.Tensor) -> PreparedCodebook:
     operand = torch.empty(k_pad, d_pad, dtype=OPERAND_DTYPE, device=codebook.device)
     sqnorm = torch.empty(k_pad, dtype=torch.float32, device=codebook.device)
     stats = torch.zeros(3, dtype=torch.float32, device=codebook.device)
-    block_k, block_d = 16, min(64, d_pad)  # divides k_pad and d_pad
+    # Both divide k_pad and d_pad. Small code blocks spread a GPU's work over many programs; the interpreter runs
+    # programs one after another, at a fixed cost each, so it gets the widest block.
+    block_k, block_d = (MAX_BLOCK_K if INTERPRET else 16), min(64, d_pad)
     _prepare_kernel[(k_pad // block_k,)](
         codebook, center, amax, operand, sqnorm, stats,
         K, D, d_pad,

@@ -69,3 +69,29 @@ def test_an_unknown_variant_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         codebook_health.main(["--variants", "ours,nonsense", "--out", str(tmp_path)])
     assert "unknown variant(s) ['nonsense']" in capsys.readouterr().err
+
+
+def _health_csv(folder, name, min_ppl, psnr, dead):
+    steps = [{"step": 1, "perplexity": 5000.0, "dead_codes": 0.0}] + [
+        {"step": s, "perplexity": min_ppl + s, "dead_codes": dead} for s in range(2, 13)]
+    with open(folder / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "perplexity", "dead_codes"])
+        writer.writeheader()
+        writer.writerows(steps)
+    (folder / f"{name}.val.csv").write_text(f"variant,val_psnr\n{name},{psnr}\n")
+
+
+def test_the_ablation_table_marks_what_falls_outside_the_spread_of_the_draws(tmp_path):
+    from bench.ablation import table  # noqa: PLC0415
+
+    for seed, (ppl, psnr, dead) in zip((11, 12, 13), ((100, 20.0, 50), (120, 20.4, 60), (110, 20.2, 55))):
+        _health_csv(tmp_path, f"ours@{seed}", ppl, psnr, dead)
+    _health_csv(tmp_path, "ours-no-frame@11", 105, 20.3, 58)  # inside on all three
+    _health_csv(tmp_path, "ours-no-lloyd@11", 40, 20.3, 90)  # lower perplexity, more dead codes
+    (tmp_path / "ours-running@12.csv").write_text("step,perplexity,dead_codes\n1,1,1\n")  # unfinished: no .val.csv
+    text = table(tmp_path)
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "102-122 | 20.00-20.40 | 50-60" in lines["ours (spread of 3 draws)"]
+    assert lines["ours-no-frame"].endswith("| none |")
+    assert "42 - | 20.30 | 90 + | min ppl, dead |" in lines["ours-no-lloyd"]
+    assert "ours-running" not in text
