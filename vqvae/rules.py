@@ -32,8 +32,6 @@ from vqvae.seeding import draw_in_proportion
 from vqvae.sync import sum_moments_across_ranks, world_size
 
 VARIANCE_FLOOR = 1e-12  # of a feature's running variance: a constant feature must not be divided by zero
-# Every buffer a rule may keep: a state saved by a codebook with a rule that this one does not run drops them.
-RULE_BUFFERS = {"recent_count", "data_mean", "data_sq_mean"}
 
 
 class Rule:
@@ -285,3 +283,7 @@ def rules_from_options(options: QuantizerOptions) -> list[Rule]:
 ABLATIONS = {rule.name: rule.off for rule in (WarmupDecay, LloydFit, FitWeight, MovingFrame, Restarts)}
 ABLATIONS["proportional"] = {"restart_draws": "uniform"}
 ABLATIONS["memory-floor"] = {"memory_rows": 0}
+
+# Every buffer a rule may keep (the default options switch every rule on): a state saved by a codebook with a rule
+# that this one does not run drops them.
+RULE_BUFFERS = {name for rule in rules_from_options(QuantizerOptions()) for name in rule.buffers(1, 1)}
