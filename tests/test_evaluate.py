@@ -127,3 +127,16 @@ def test_bad_input_is_named(tmp_path, capsys, args, message):
         evaluate_main(args + ["--out", str(tmp_path / "eval")])
     assert exit_info.value.code == 2
     assert message.format(folder=folder) in capsys.readouterr().err
+
+
+def test_the_trainer_reports_ssim_and_says_once_why_lpips_is_missing(tmp_path, capsys):
+    from tests.test_train import read_metrics  # noqa: PLC0415
+    from vqvae.train import train  # noqa: PLC0415
+
+    cfg = tiny_config(tmp_path / "run", max_steps=2, eval_every=2, eval_metrics="lpips",
+                      lpips_weights=str(tmp_path / "vgg16.pth"))
+    train(cfg)
+    out = capsys.readouterr().out
+    assert out.count(f"train.eval_metrics: lpips unavailable: no weights file at {tmp_path / 'vgg16.pth'}") == 1
+    (row,) = read_metrics(tmp_path / "run", "val/")
+    assert 0 < row["val/ssim"] <= 1 and "val/lpips" not in row
