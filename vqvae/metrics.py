@@ -50,11 +50,13 @@ class CodeUsage:
 
     def __init__(self, num_codes: int, window: int, device: torch.device):
         self.num_codes, self.window, self.step = num_codes, window, 0
-        self.counts = torch.zeros(window, num_codes, dtype=torch.int64, device=device)
+        # int32: a step's count of a code is at most its rows (far under 2**31), and at 2**18 codes a window of 100
+        # steps takes 100 MB, not 200.
+        self.counts = torch.zeros(window, num_codes, dtype=torch.int32, device=device)
 
     def update(self, indices: torch.Tensor) -> None:
         """Add a micro-batch's codes to the current step (-1, a non-finite vector, counts for no code)."""
-        self.counts[self.step % self.window] += code_counts(indices, self.num_codes, torch.int64)
+        self.counts[self.step % self.window] += code_counts(indices, self.num_codes, torch.int32)
 
     def advance(self) -> None:
         self.step += 1
