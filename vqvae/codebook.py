@@ -232,6 +232,8 @@ class Codebook(nn.Module):
         # A code's EMA count tends to its share of the rows of one step (all ranks together).
         seed = max(rows.shape[0] * world_size() / self.num_codes, self.seed_floor())
         self.cluster_size.fill_(seed)
+        if self.restarts is not None:  # codes beyond the batch's distinct rows are copies: dead, re-seeded from
+            self.cluster_size[distinct.shape[0]:] = 0.0  # the next batches (the choosers put the copies last)
         self.ema_steps.zero_()
         for rule in self.rules:
             rule.initialise_(self, rows, seed)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from vqvae.backend import TORCH
 from vqvae.options import QuantizerOptions
-from vqvae.seeding import draw_in_proportion
+from vqvae.seeding import draw_in_proportion, first_of_copies
 from vqvae.sync import sum_moments_across_ranks, world_size
 
 VARIANCE_FLOOR = 1e-12  # of a feature's running variance: a constant feature must not be divided by zero
@@ -239,20 +239,25 @@ class Restarts(Rule):
         self.count, self.draws = count, draws
 
     def candidates(self, book, rows: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor):
-        """One row of the batch per code, and whether it may seed one (finite and not masked out: index >= 0)."""
-        learn = indices >= 0
+        """One row of the batch per code, and whether it may seed one: finite and not masked out (index >= 0), and
+        not a row that its code already holds exactly (a copy of a code never wins a row from it: ties go to the
+        lower index)."""
         code = indices.clamp(min=0)
+        error = (rows.float() - book.codebook[code]).square().sum(dim=1)
+        fresh = (indices >= 0) & (error > 0)
         if self.draws == "usage":
-            weights = torch.where(learn, counts[code], 0.0)
+            weights = torch.where(fresh, counts[code], 0.0)
         elif self.draws == "error":
-            weights = torch.where(learn, (rows.float() - book.codebook[code]).square().sum(dim=1), 0.0)
+            weights = torch.where(fresh, error, 0.0)
         else:
-            weights = learn.float()
+            weights = fresh.float()
         picks = draw_in_proportion(weights, book.num_codes)
-        return rows[picks].float(), learn[picks]
+        return rows[picks].float(), fresh[picks]
 
     def reseed_(self, book, dead, candidates, candidate_ok, rows_in_step: torch.Tensor) -> None:
-        reseed = dead & candidate_ok
+        # Draws repeat rows (with replacement; with more dead codes than rows, they must): one code per row, and
+        # the codes left dead take rows of the next steps. A codebook larger than a batch fills this way.
+        reseed = first_of_copies(candidates, dead & candidate_ok)
         if self.count is not None:
             seed = torch.full_like(rows_in_step, self.count)
         else:

@@ -22,6 +22,21 @@ def draw_in_proportion(weights: torch.Tensor, k: int) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).clamp(max=weights.shape[0] - 1)
 
 
+def first_of_copies(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Bool [K]: `mask`, except where an earlier masked row of `rows` [K, D] holds the very same vector. On the
+    device with no host read: rows are compared by a hash of their bits (exact copies share it; two different rows
+    sharing it is a 2**-64 chance, and would only delay one re-seed by a step), sorted with the masked rows first."""
+    bits = rows.float().contiguous().view(torch.int32).long()
+    odd = torch.arange(rows.shape[1], device=rows.device, dtype=torch.int64) * 2 + 1
+    key = (bits * (odd * 0x1E3779B97F4A7C15 + 0x632BE59BD9B4E019)).sum(dim=1)  # wraps around: still a hash
+    order = torch.argsort(key, stable=True)  # equal keys keep the rows' order
+    order = order[torch.argsort((~mask[order]).to(torch.uint8), stable=True)]  # masked rows first
+    key, masked = key[order], mask[order]
+    repeat = torch.zeros_like(mask)
+    repeat[order[1:]] = masked[1:] & masked[:-1] & (key[1:] == key[:-1])
+    return mask & ~repeat
+
+
 def random_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of k random rows: distinct rows where there are k of them, repeats only where there are not."""
     n = rows.shape[0]
