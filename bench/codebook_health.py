@@ -184,14 +184,21 @@ def run_variant(name: str, cfg: Config, steps: int, out_dir: Path, log_every: in
                       f" [{row['seconds']:.0f} s]", flush=True)
     val_loader = make_loader(val_set, cfg.train.batch_size, cfg.data.num_workers, train=False)
     val, _ = evaluate(model, val_loader, cfg, device)
-    summary = {"variant": name, "steps": steps, "batch_size": cfg.train.batch_size, **{f"val_{k}": v for k, v in
-               val.items()}, "seconds": time.perf_counter() - start}
+    summary = {"variant": name, "steps": steps, "batch_size": cfg.train.batch_size,
+               "num_codes": cfg.quantizer.num_codes, "val_rows": val_rows(val_set, cfg),
+               **{f"val_{k}": v for k, v in val.items()}, "seconds": time.perf_counter() - start}
     with open(out_dir / f"{name}.val.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary))
         writer.writeheader()
         writer.writerow(summary)
     print(f"{name} validation: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()), flush=True)
     return summary
+
+
+def val_rows(val_set, cfg: Config) -> int:
+    """Vectors the validation split gives the quantizer: crops x latent positions (x layers)."""
+    side = cfg.data.image_size // 2 ** cfg.model.num_downsamples
+    return len(val_set) * side * side * cfg.quantizer.num_quantizers
 
 
 def _fmt(value) -> str:
@@ -242,7 +249,7 @@ def mean_run(members: list) -> tuple[list[dict], dict | None]:
     vals = [val for _, val in members]
     if any(val is None for val in vals):
         return rows, None
-    keys = [k for k in vals[0] if k.startswith("val_")]
+    keys = [k for k in vals[0] if k.startswith("val_") or k == "num_codes"]
     return rows, {k: sum(float(val[k]) for val in vals) / len(vals) for k in keys}
 
 
@@ -269,19 +276,29 @@ def summary_table(runs: dict, checkpoints=(1, 2, 5, 10, 20, 30, 40, 50, 75, 100,
     longest = max(len(rows) for rows, _ in runs.values())
     steps = [s for s in checkpoints if s <= longest]
     lines.append("| variant | " + " | ".join(f"ppl @{s}" for s in steps)
-                 + " | min ppl (step > 1) | window ppl @end | dead @end | recon @end (mean of last 10) | val PSNR | val ppl "
-                 "| val usage |")
-    lines.append("| --- |" + " ---: |" * (len(steps) + 7))
+                 + " | min ppl (step > 1) | window ppl @end | window usage @end | dead @end "
+                 "| recon @end (mean of last 10) | val PSNR | val ppl | val ppl / K | val usage | val vectors / K |")
+    lines.append("| --- |" + " ---: |" * (len(steps) + 10))
     for name, (rows, val) in runs.items():
         by_step = {int(r["step"]): r for r in rows}
         ppl = [f"{by_step[s]['perplexity']:.0f}" if s in by_step else "" for s in steps]
         later = [r["perplexity"] for r in rows if r["step"] > 1]
         recon = sum(r["recon_loss"] for r in rows[-10:]) / len(rows[-10:])
-        v = (f"{float(val['val_psnr']):.2f} | {float(val['val_perplexity']):.0f} | {float(val['val_usage']):.2f}"
-             if val else " | | ")
+        v = " | | | | "
+        if val:
+            k = float(val.get("num_codes") or "nan")  # (runs recorded before it was written: blank)
+            per_code = float(val.get("val_rows") or "nan") / k
+            v = (f"{float(val['val_psnr']):.2f} | {float(val['val_perplexity']):.0f} | "
+                 f"{_blank_nan(float(val['val_perplexity']) / k, '.3f')} | {float(val['val_usage']):.3f} | "
+                 f"{_blank_nan(per_code, '.0f')}")
         lines.append(f"| {name} | " + " | ".join(ppl) + f" | {min(later) if later else float('nan'):.0f} | "
-                     f"{rows[-1]['window_perplexity']:.0f} | {rows[-1]['dead_codes']:.0f} | {recon:.4f} | {v} |")
+                     f"{rows[-1]['window_perplexity']:.0f} | {rows[-1]['window_usage']:.3f} | "
+                     f"{rows[-1]['dead_codes']:.0f} | {recon:.4f} | {v} |")
     return "\n".join(lines)
+
+
+def _blank_nan(value: float, spec: str) -> str:
+    return "" if value != value else format(value, spec)
 
 
 def plot(runs: dict, path: Path, title: str) -> None:

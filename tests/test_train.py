@@ -359,3 +359,20 @@ def _has_wandb() -> bool:
         return True
     except ImportError:
         return False
+
+
+def test_a_dead_threshold_above_a_codes_fair_share_is_warned_about():
+    """The seed's threshold (4 rows a step, a quarter of 65,536 rows / 4,096 codes) with 65,536 codes at 16 images:
+    the fair share is 0.25 rows a step, so nearly every code would be re-seeded every step."""
+    root = Path(__file__).resolve().parents[1]
+    from vqvae.config import load_config  # noqa: PLC0415
+
+    seed = load_config(root / "config" / "vqvae_naruto.yaml")
+    assert train_module.dead_code_warning(seed, images_per_step=64) is None
+    large = load_config(root / "config" / "vqvae_naruto.yaml", ["quantizer.num_codes=65536"])
+    warning = train_module.dead_code_warning(large, images_per_step=16)
+    assert warning is not None and "dead_code_threshold=4" in warning and "0.25" in warning, warning
+    assert "0.0625" in warning  # the suggested quarter of the fair share
+    fixed = load_config(root / "config" / "vqvae_naruto.yaml",
+                        ["quantizer.num_codes=65536", "quantizer.dead_code_threshold=0.0625"])
+    assert train_module.dead_code_warning(fixed, images_per_step=16) is None

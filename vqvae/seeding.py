@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from kernels import reference
+
 KMEANS_ROUNDS = 64
 
 
@@ -25,10 +27,12 @@ def draw_in_proportion(weights: torch.Tensor, k: int) -> torch.Tensor:
 def first_of_copies(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Bool [K]: `mask`, except where an earlier masked row of `rows` [K, D] holds the very same vector. On the
     device with no host read: rows are compared by a hash of their bits (exact copies share it; two different rows
-    sharing it is a 2**-64 chance, and would only delay one re-seed by a step), sorted with the masked rows first."""
-    bits = rows.float().contiguous().view(torch.int32).long()
-    odd = torch.arange(rows.shape[1], device=rows.device, dtype=torch.int64) * 2 + 1
-    key = (bits * (odd * 0x1E3779B97F4A7C15 + 0x632BE59BD9B4E019)).sum(dim=1)  # wraps around: still a hash
+    rarely do, and then one re-seed waits a step), sorted with the masked rows first."""
+    bits = rows.float().contiguous().view(torch.int32)
+    # int32 products wrap around (still a hash) and sum into int64; at 2**18 codes of 32 features the temporaries
+    # are 32 MiB, not the 64 MiB of int64 products.
+    odd = (torch.arange(rows.shape[1], device=rows.device, dtype=torch.int32) * 2 + 1) * 0x2F3779B1
+    key = (bits * odd).sum(dim=1, dtype=torch.int64)
     order = torch.argsort(key, stable=True)  # equal keys keep the rows' order
     order = order[torch.argsort((~mask[order]).to(torch.uint8), stable=True)]  # masked rows first
     key, masked = key[order], mask[order]
@@ -58,7 +62,6 @@ def kmeans_plus_plus(rows: torch.Tensor, k: int, rounds: int = KMEANS_ROUNDS) ->
     n, device = rows.shape[0], rows.device
     if n <= k:
         return random_rows(rows, k)
-    sqnorm = rows.square().sum(dim=1)
     chosen = torch.randint(n, (1,), device=device)
     d2 = (rows - rows[chosen]).square().sum(dim=1)
     per_round = math.ceil((k - 1) / rounds)
@@ -71,9 +74,8 @@ def kmeans_plus_plus(rows: torch.Tensor, k: int, rounds: int = KMEANS_ROUNDS) ->
         # m of them) without changing the draw while distances remain.
         weights = d2 + d2.amax().clamp(min=1e-20) * 1e-12
         chosen = torch.multinomial(weights, m, replacement=False)
-        new = rows[chosen]
-        dist = (sqnorm[:, None] - 2.0 * rows @ new.T + new.square().sum(dim=1)[None, :]).clamp(min=0.0)
-        d2 = torch.minimum(d2, dist.amin(dim=1))
+        # each row's distance to the round's rows, in tiles (no N x m matrix: m reaches K / rounds)
+        d2 = torch.minimum(d2, reference.nearest_code(rows, rows[chosen])[1].to(d2.dtype))
         picked.append(chosen)
         taken += m
     return torch.cat(picked)

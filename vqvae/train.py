@@ -152,6 +152,23 @@ def dead_code_total(dead: torch.Tensor, cfg: Config) -> torch.Tensor:
     return dead[0] if cfg.quantizer.shared_codebook else dead.sum()
 
 
+def dead_code_warning(cfg: Config, images_per_step: int) -> str | None:
+    """A warning when quantizer.dead_code_threshold is at or above a code's fair share of a step's rows (rows / K):
+    the EMA counts average that share, so most codes would be re-seeded at every step (a large codebook at a
+    small batch: 65,536 codes at 16 images of 32 x 32 have a fair share of 0.25)."""
+    q = cfg.quantizer
+    if q.dead_code_threshold <= 0:
+        return None
+    side = cfg.data.image_size // 2 ** cfg.model.num_downsamples
+    rows = images_per_step * side * side * (q.num_quantizers if q.shared_codebook else 1)
+    fair = rows / q.num_codes
+    if q.dead_code_threshold < fair:
+        return None
+    return (f"warning: quantizer.dead_code_threshold={q.dead_code_threshold:g} is not under a code's fair share of "
+            f"a step's rows ({rows} rows / {q.num_codes} codes = {fair:.4g}): most codes will be re-seeded at "
+            f"every step; a quarter of the fair share ({fair / 4:.4g}) is what the shipped configs use")
+
+
 def counted_codes(cfg: Config) -> int:
     """Bins of the usage window: residual layers' codes count apart (layer l's code k is bin l * K + k), so the
     window's usage is the fraction of all the layers' codes in use."""
@@ -240,6 +257,8 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
         f"{len(train_set.source)} training / {len(val_set.source)} validation images, "
         f"{len(train_set)} / {len(val_set)} samples per epoch; run folder {run_dir}")
     images_per_step = cfg.train.batch_size * procs.world_size * cfg.train.grad_accum
+    if warning := dead_code_warning(cfg, images_per_step):
+        say(warning)
     if procs.distributed:
         say(f"distributed: {procs.world_size} processes ({dist.get_backend()}); train.batch_size is per process: "
             f"global batch = {cfg.train.batch_size} x {procs.world_size} processes x {cfg.train.grad_accum} "
