@@ -105,9 +105,11 @@ def test_parity_with_vector_quantize_pytorch_when_dead_codes_restart(backend, de
         torch.testing.assert_close(ours.codebook[kept], peer._codebook.embed[0][kept], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.quantizer.book.embed_sum[kept], peer._codebook.embed_avg[0][kept], rtol=1e-5,
                                    atol=1e-5)
-        with torch.no_grad():  # hand over the package's random draws, so the next step starts from one state
+        with torch.no_grad():  # hand over the package's random draws (and a waiting code's count, which the
+            # package has already set to the threshold), so the next step starts from one state
             ours.quantizer.codebook.copy_(peer._codebook.embed[0])
             ours.quantizer.book.embed_sum.copy_(peer._codebook.embed_avg[0])
+            ours.quantizer.book.cluster_size.copy_(peer._codebook.cluster_size[0])
     assert restarted_any, "the test should exercise restarts"
 
 
