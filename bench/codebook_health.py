@@ -17,12 +17,15 @@ compared together.
     python -m bench.codebook_health --list                  # the variants
     python -m bench.codebook_health --plot-only --out runs/health_b16
 
-Variants: `ours` is `VectorQuantizerEMA` as the config builds it (the shipped defaults); `legacy` switches every
+Variants: `ours` is `VectorQuantizer` as the config builds it (the shipped defaults); `legacy` switches every
 codebook rule off (an empty rule list, `vqvae.options.LEGACY`); `ours-no-<rule>` switches one rule of
 `vqvae.rules` off (`ABLATIONS`: warmup, memory-floor, lloyd, fit-weight, frame, restarts, proportional); `vqp-*` swap
 vector-quantize-pytorch's `VectorQuantize` into the same model, with its recommended EMA settings
 (`kmeans_init=True, threshold_ema_dead_code=2`, decay 0.99, commitment 0.25) or its plain defaults. That package is
-several times slower on the CPU, so compare the peers at a small batch (16) and say which.
+several times slower on the CPU, so compare the peers at a small batch (16) and say which. Codes learned by gradient:
+`ours-gradient`, `ours-simvq` (`vqvae.learning`), each also `+rotation` (the rotation trick; `ours+rotation`: EMA
+codes with it), against `vqp-learned` (`VectorQuantize(learnable_codebook=True, ema_update=False)`) and
+`vqp-simvq` (its `SimVQ`), each with and without the rotation trick (that package's default is with it).
 
 `--draw-seeds` repeats each variant with the random draws of the quantizer (its seeds, k-means's relocations, the
 re-seeded codes) seeded anew after the model is built, so the model, data and optimizer stay the same; the runs are
@@ -52,7 +55,7 @@ from vqvae.config import Config, load_config
 from vqvae.data import make_datasets, make_loader
 from vqvae.model import build_model, quantizer_kwargs
 from vqvae.options import LEGACY
-from vqvae.quantizer import QuantizerOutput, VectorQuantizerEMA
+from vqvae.quantizer import QuantizerOutput, VectorQuantizer
 from vqvae.rules import ABLATIONS
 from vqvae.cli import pick_device
 from vqvae.evaluation import evaluate
@@ -67,7 +70,7 @@ COLUMNS = ("step", "perplexity", "window_perplexity", "usage", "window_usage", "
 
 def _ours(**overrides):
     def build(cfg: Config) -> nn.Module:
-        return VectorQuantizerEMA(**{**quantizer_kwargs(cfg), **overrides})
+        return VectorQuantizer(**{**quantizer_kwargs(cfg), **overrides})
     return build
 
 
@@ -93,18 +96,31 @@ VARIANTS = {
     "legacy+affine": _ours(**{**LEGACY, "affine_reparam": True}),
     "vqp-recommended": _vqp(kmeans_init=True, threshold_ema_dead_code=2, decay=0.99, commitment_weight=0.25),
     "vqp-plain": _vqp(decay=0.99, commitment_weight=0.25),
+    # codes learned by gradient (vqvae.learning), with the straight-through estimator or the rotation trick
+    **{f"ours{learning}{rotation}": _ours(**({"learning": learning[1:], "affine_reparam": None} if learning else {}),
+                                          rotation_trick=bool(rotation))
+       for learning in ("", "-gradient", "-simvq") for rotation in ("", "+rotation") if learning or rotation},
+    # the package's learned codebook (its loss: commitment_weight * mean((q - x)^2), both sides) and its SimVQ
+    **{f"vqp-learned{rotation}": _vqp(learnable_codebook=True, ema_update=False, commitment_weight=0.25,
+                                      rotation_trick=bool(rotation)) for rotation in ("", "+rotation")},
+    **{f"vqp-simvq{rotation}": _vqp(simvq=True, rotation_trick=bool(rotation)) for rotation in ("", "+rotation")},
 }
 
 
 class PeerQuantizer(nn.Module):
-    """vector-quantize-pytorch's `VectorQuantize` behind our quantizer's interface (channels-first in,
-    `QuantizerOutput` out), so that it drops into the same VQ-VAE. Its dead codes: EMA count under its threshold."""
+    """vector-quantize-pytorch's `VectorQuantize` (or, `simvq=True`, its `SimVQ`, with that class's defaults: loss
+    mean((sg[x] - q)^2) + 0.25 mean((x - sg[q])^2)) behind our quantizer's interface (channels-first in,
+    `QuantizerOutput` out), so that it drops into the same VQ-VAE. Its dead codes: EMA count under its threshold
+    (0 where it has none)."""
 
-    def __init__(self, dim: int, num_codes: int, **settings):
+    def __init__(self, dim: int, num_codes: int, simvq: bool = False, **settings):
         super().__init__()
-        from vector_quantize_pytorch import VectorQuantize  # noqa: PLC0415  (a test extra, not a dependency)
+        import vector_quantize_pytorch as vqp  # noqa: PLC0415  (a test extra, not a dependency)
 
-        self.vq = VectorQuantize(dim=dim, codebook_size=num_codes, accept_image_fmap=True, **settings)
+        if simvq:
+            self.vq = vqp.SimVQ(dim=dim, codebook_size=num_codes, channel_first=True, **settings)
+        else:
+            self.vq = vqp.VectorQuantize(dim=dim, codebook_size=num_codes, accept_image_fmap=True, **settings)
         self.num_codes, self.threshold = num_codes, settings.get("threshold_ema_dead_code", 0)
 
     @property
@@ -116,7 +132,8 @@ class PeerQuantizer(nn.Module):
         counts = torch.bincount(indices.reshape(-1), minlength=self.num_codes).float()
         probs = counts / counts.sum()
         perplexity = torch.exp(-(probs * probs.clamp(min=1e-12).log()).sum())
-        dead = (self.vq._codebook.cluster_size.reshape(-1) < max(self.threshold, 1e-12)).sum()
+        dead = (self.vq._codebook.cluster_size.reshape(-1) < self.threshold).sum() if self.threshold > 0 else \
+            torch.zeros((), dtype=torch.int64)
         return QuantizerOutput(quantized, indices, loss.reshape(()), perplexity, (counts > 0).float().mean(), dead)
 
 

@@ -77,13 +77,14 @@ def test_a_few_steps_learn_log_and_write_checkpoints_grids_and_an_offline_wandb_
     assert summary["last_recon_loss"] < summary["first_recon_loss"]
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch, grad_accum):
+@pytest.mark.parametrize("grad_accum, learning", [(1, "ema"), (2, "ema"), (2, "simvq")])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch, grad_accum, learning):
     # an evaluation at the checkpoint, gradient accumulation, and a fast EMA decay (so dead codes are re-seeded
-    # from torch's RNG within the run) all have to survive the interruption
+    # from torch's RNG within the run) all have to survive the interruption; learned codes (SimVQ's base and map,
+    # and the optimizer's state of the map) too
     def config(run_dir):
         cfg = tiny_config(run_dir, max_steps=14, ckpt_every=7, eval_every=7, grad_accum=grad_accum)
-        cfg.quantizer.decay = 0.7
+        cfg.quantizer.decay, cfg.quantizer.learning = 0.7, learning
         return cfg
 
     train(config(tmp_path / "straight"))

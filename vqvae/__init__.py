@@ -1,5 +1,7 @@
-"""VQ-VAE image tokenizer with an EMA vector quantizer on Triton kernels."""
+"""VQ-VAE image tokenizer with a vector quantizer on Triton kernels (codes learned by EMA, by gradient or as SimVQ)."""
 
-from .quantizer import QuantizerOutput, VectorQuantizerEMA
+from .quantizer import QuantizerOutput, VectorQuantizer, VectorQuantizerEMA
+from .residual import ResidualVectorQuantizer, ResidualVectorQuantizerEMA
 
-__all__ = ["QuantizerOutput", "VectorQuantizerEMA"]
+__all__ = ["QuantizerOutput", "ResidualVectorQuantizer", "ResidualVectorQuantizerEMA", "VectorQuantizer",
+           "VectorQuantizerEMA"]

@@ -1,14 +1,14 @@
-"""Drop-in faces of `VectorQuantizerEMA` for models written against the popular quantizers.
+"""Drop-in faces of `VectorQuantizer` for models written against the popular quantizers.
 
 Each adapter takes the constructor arguments and returns the outputs of the quantizer it stands in for, and runs
-the same EMA codebook underneath (`self.quantizer`). What they do not reproduce is said in each docstring; in
+our quantizer underneath (`self.quantizer`). What they do not reproduce is said in each docstring; in
 particular none of them builds the N x K distance matrix or one-hot encodings those packages return.
 """
 
 import torch
 from torch import nn
 
-from .quantizer import VectorQuantizerEMA
+from .quantizer import VectorQuantizer, VectorQuantizerEMA
 from .residual import ResidualVectorQuantizerEMA
 
 
@@ -77,6 +77,54 @@ def _codebook_state(state_dict: dict, prefix: str) -> dict:
         "embed_sum": state_dict[prefix + "embed_avg"][0].float(),
         "initialized": torch.tensor(True),
     }
+
+
+class SimVQ(nn.Module):
+    """In the style of `vector_quantize_pytorch.SimVQ` (a frozen codebook times a learned linear map, no bias).
+
+    forward(x) -> (quantized, indices, loss), x of shape (B, N, dim) or, with `channel_first=True`, (B, dim, ...);
+    loss = commitment_weight * (mean((sg[x] - q)^2) + input_to_quantize_commit_loss_weight * mean((x - sg[q])^2)),
+    that package's. Underneath is our `learning="simvq"` quantizer: the frozen base starts as the first training
+    batch's rows and the map as the identity (theirs: a Gaussian base and nn.Linear's initialisation), and dead codes
+    are re-seeded when `quantizer_kwargs` set `dead_code_threshold` (theirs never are).
+    `load_vector_quantize_pytorch_state` takes over that package's base and map. A custom `codebook_transform`
+    module and a frozen codebook of another width are not offered.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, channel_first: bool = False, rotation_trick: bool = True,
+                 input_to_quantize_commit_loss_weight: float = 0.25, commitment_weight: float = 1.0,
+                 **quantizer_kwargs):
+        super().__init__()
+        weight = commitment_weight
+        options = dict(learning="simvq", rotation_trick=rotation_trick, dead_code_threshold=0.0,
+                       commitment_weight=weight * input_to_quantize_commit_loss_weight, codebook_weight=weight,
+                       layout="channels_first" if channel_first else "channels_last")
+        self.quantizer = VectorQuantizer(codebook_size, dim, **{**options, **quantizer_kwargs})
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.quantizer.book.refresh_()
+
+    def forward(self, x: torch.Tensor):
+        out = self.quantizer(x)
+        return out.quantized, out.indices, out.loss
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        codes = self.quantizer.lookup(indices)
+        return codes.movedim(-1, 1) if self.quantizer.options.layout == "channels_first" else codes
+
+    @torch.no_grad()
+    def load_vector_quantize_pytorch_state(self, state_dict: dict) -> None:
+        """Take the frozen codebook and the map of a `vector_quantize_pytorch.SimVQ` (its default transform)."""
+        if "code_transform.weight" not in state_dict:
+            raise ValueError("expected the state of a SimVQ with its default codebook_transform (a bias-free "
+                             f"nn.Linear, 'code_transform.weight'); got keys {sorted(state_dict)}")
+        base, weight = state_dict["frozen_codebook"].float(), state_dict["code_transform.weight"].float()
+        book = self.quantizer.book
+        self.quantizer.load_state_dict({
+            "base": base, "map_weight": weight, "codebook": base @ weight.T, "initialized": torch.tensor(True),
+            "cluster_size": torch.zeros_like(book.cluster_size), "rewritten": torch.zeros_like(book.rewritten),
+        })
 
 
 class ResidualVQ(nn.Module):

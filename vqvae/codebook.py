@@ -1,10 +1,10 @@
-"""The EMA codebook: its state, its search, and the order in which its rules (`vqvae.rules`) run.
+"""The codebook: its state, its search, and the order in which its parts run: how its codes learn
+(`vqvae.learning`: EMA, gradient or SimVQ) and its health rules (`vqvae.rules`).
 
-State (buffers, so they follow `.to()` and the state dict; the rules add their own, e.g. the moving frame's
-moments):
-  codebook [K, D]    the codes
+State (buffers, so they follow `.to()` and the state dict; the learning rule and the health rules add their own,
+e.g. the EMA sums, the learned parameters, the moving frame's moments):
+  codebook [K, D]    the codes, as the search reads them (learned codes: rebuilt from their parameters)
   cluster_size [K]   EMA of the rows each code receives per step
-  embed_sum [K, D]   EMA of the sum of those rows; codebook = embed_sum / (Laplace-smoothed cluster_size)
   initialized        whether the first training batch has seeded the codes
   ema_steps          EMA steps taken since then: the warm-up's clock
 
@@ -12,11 +12,14 @@ The two procedures, each reading top to bottom:
 - `initialise_` (the first training batch): seed the codes from distinct rows of the batch ("random" rows or
   "kmeans++", `vqvae.seeding`), with the EMA state as if each code had already averaged `seed` copies of itself
   (its share of one step's rows), so the first steps move codes towards their data rather than shrinking them
-  towards zero; then each rule's `initialise_` (the Lloyd fit, its weight, the frame's moments).
+  towards zero; then each rule's `initialise_` (the Lloyd fit, its weight, the frame's moments); then the learning
+  rule takes the codes up (EMA sums; learned parameters).
 - `_commit` (each EMA step, from the summed statistics of a batch or of an `accumulate()` block): the decay
-  (rules may lower it), Sonnet's VectorQuantizerEMA blend (`kernels.reference.ema_blend_`), the rules'
-  `after_blend_`, cosine codes back onto the sphere, the clock, the dead codes, and their re-seeding.
-Before each training batch is searched the rules' `before_search_` run (the moving frame).
+  (rules may lower it), the learning rule's step (EMA codes: Sonnet's VectorQuantizerEMA blend,
+  `kernels.reference.ema_blend_`, and cosine codes back onto the sphere; learned codes: their usage counts), the
+  rules' `after_blend_`, the clock, the dead codes, and their re-seeding.
+Before each training batch is searched the rules' `before_search_` run (the moving frame), then `refresh_` gives
+the forward its codes.
 
 Several processes (torch.distributed initialised): the statistics and re-seed candidates of every step are summed
 over the ranks first (`vqvae.sync`), and the initialisation is broadcast from rank 0, so every rank keeps the same
@@ -29,10 +32,10 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vqvae.backend import pick_backend
+from vqvae.learning import learning_from_options
 from vqvae.options import QuantizerOptions
 from vqvae.rules import RULE_BUFFERS, Restarts, rules_from_options
 from vqvae.seeding import kmeans_plus_plus, random_rows
@@ -76,10 +79,12 @@ class Codebook(nn.Module):
         self.dead_code_threshold = options.dead_code_threshold
         self.rules = rules_from_options(options)
         self.restarts = next((rule for rule in self.rules if isinstance(rule, Restarts)), None)
+        self.learning = learning_from_options(options)
         # Placeholder codes until the first training batch replaces them (see initialise_).
         self.register_buffer("codebook", torch.randn(self.num_codes, dim))
         self.register_buffer("cluster_size", torch.zeros(self.num_codes))
-        self.register_buffer("embed_sum", torch.zeros(self.num_codes, dim))
+        self.learning.register(self)  # its state: EMA sums, or the parameters the codes are made of
+        self._carry_back = True  # learned codes: carry the written codes into the parameters before the next search
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("ema_steps", torch.tensor(0, dtype=torch.int64))
         for rule in self.rules:
@@ -93,7 +98,7 @@ class Codebook(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_initialized_flag())
 
     def extra_repr(self) -> str:
-        return f"num_codes={self.num_codes}, dim={self.dim}, rules={self.rules}"
+        return f"num_codes={self.num_codes}, dim={self.dim}, learning={self.learning.name!r}, rules={self.rules}"
 
     # -- search and statistics ------------------------------------------------------------------------------
 
@@ -110,6 +115,11 @@ class Codebook(nn.Module):
         """Index of each row's nearest code (int64 [N]); -1 for rows holding NaN or inf. The kernels read the rows in
         their own dtype, against the fp32 codebook."""
         return self.backend.nearest(rows, self.codebook, self._prepared_codebook())
+
+    def refresh_(self) -> torch.Tensor:
+        """The codes [K, D] of this forward, with their autograd graph when they are learned (`vqvae.learning`);
+        the `codebook` buffer that the search reads is made from them."""
+        return self.learning.refresh_(self)
 
     def _prepared_codebook(self):
         """The codebook in the search's operand form, made once per codebook change: in training the codebook
@@ -176,11 +186,9 @@ class Codebook(nn.Module):
         counts, sums, candidates, candidate_ok = sum_across_ranks(counts, sums, candidates, candidate_ok)
         rows_in_step = counts.sum()
         decay = self.current_decay(rows_in_step)
-        self.backend.blend_(self.cluster_size, self.embed_sum, self.codebook, counts, sums, decay, self.eps)
+        self.learning.step_(self, counts, sums, decay)
         for rule in self.rules:
             rule.after_blend_(self, counts, decay)
-        if self.cosine:  # the averaged codes back onto the sphere (a batch without rows changed nothing)
-            self.codebook.copy_(torch.where(rows_in_step > 0, F.normalize(self.codebook, dim=1), self.codebook))
         self.ema_steps.add_((rows_in_step > 0).long())  # a batch without rows is no step: nothing changes
         dead = self.dead_codes()
         if self.restarts is not None:
@@ -237,13 +245,14 @@ class Codebook(nn.Module):
         self.ema_steps.zero_()
         for rule in self.rules:
             rule.initialise_(self, rows, seed)
-        self.embed_sum.copy_(self.codebook * self.cluster_size[:, None])
         broadcast_from_rank0(*(b for b in self.buffers() if b.is_floating_point()))
+        self.learning.codes_written_(self, None)
         self.initialized.fill_(True)
         self._initialized = True
 
     def _sync_initialized_flag(self) -> None:
         self._initialized = bool(self.initialized)
+        self._carry_back = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A state written before the warm-up existed (an older checkpoint, or an adapter's import from another

@@ -1,11 +1,11 @@
-"""The VQ-VAE: a convolutional encoder, the EMA vector quantizer, and a mirrored decoder.
+"""The VQ-VAE: a convolutional encoder, the vector quantizer, and a mirrored decoder.
 
 With the seed configuration a 3 x 128 x 128 image becomes a 32 x 32 grid of indices into 4096 codes of 256
 dimensions (two stride-2 stages), and the decoder turns a code grid back into an image. The layout follows the
 original VQ-VAE (van den Oord et al., 2017): strided 4x4 convolutions, a stack of ReLU residual blocks, and no
 normalisation layers.
 
-With `quantizer.num_quantizers` > 1 the quantizer is a `ResidualVectorQuantizerEMA` and every code grid gains a
+With `quantizer.num_quantizers` > 1 the quantizer is a `ResidualVectorQuantizer` and every code grid gains a
 trailing layer axis. `VQVAE.save_pretrained(folder)` / `VQVAE.from_pretrained(folder or repo id)` write and read the
 weights (model.safetensors) with the configuration beside them (config.json): see `vqvae.hub`.
 """
@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from vqvae.config import Config, config_from_dict, quantizer_options
 from vqvae.hub import HubMixin
-from vqvae.quantizer import QuantizerOutput, VectorQuantizerEMA
-from vqvae.residual import ResidualQuantizerOutput, ResidualVectorQuantizerEMA
+from vqvae.quantizer import QuantizerOutput, VectorQuantizer
+from vqvae.residual import ResidualQuantizerOutput, ResidualVectorQuantizer
 
 
 class ResidualBlock(nn.Module):
@@ -98,7 +98,7 @@ class VQVAE(nn.Module, HubMixin):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput | ResidualQuantizerOutput]:
         """images (B, C, H, W) in [-1, 1] -> (reconstruction (B, C, H, W), the quantizer's outputs).
 
-        In training mode this moves the codebook (EMA); in eval mode it does not.
+        In training mode this moves EMA codes (learned codes move with the optimizer); in eval mode it does not.
         """
         q = self.quantizer(self.pre_quant(self.encoder(images)))
         return self.decoder(q.quantized), q
@@ -130,17 +130,17 @@ class VQVAE(nn.Module, HubMixin):
         return kwargs
 
 
-def build_quantizer(cfg: Config) -> VectorQuantizerEMA | ResidualVectorQuantizerEMA:
-    """One VectorQuantizerEMA (num_quantizers = 1: the state-dict keys of before residual layers existed), or
+def build_quantizer(cfg: Config) -> VectorQuantizer | ResidualVectorQuantizer:
+    """One VectorQuantizer (num_quantizers = 1: the state-dict keys of before residual layers existed), or
     num_quantizers residual layers of it."""
     if cfg.quantizer.num_quantizers == 1:
-        return VectorQuantizerEMA(**quantizer_kwargs(cfg))
+        return VectorQuantizer(**quantizer_kwargs(cfg))
     stack = dataclasses.asdict(quantizer_options(cfg.quantizer)[1])
-    return ResidualVectorQuantizerEMA(**stack, **quantizer_kwargs(cfg))
+    return ResidualVectorQuantizer(**stack, **quantizer_kwargs(cfg))
 
 
 def quantizer_kwargs(cfg: Config) -> dict:
-    """VectorQuantizerEMA's arguments in a VQ-VAE built from ``cfg``: the config's options, at the model's width."""
+    """VectorQuantizer's arguments in a VQ-VAE built from ``cfg``: the config's options, at the model's width."""
     options = quantizer_options(cfg.quantizer)[0]
     # The layout said, not guessed: a 16 x 16 grid of 16-d codes would be ambiguous.
     return {**options.as_dict(), "dim": cfg.model.embedding_dim, "layout": "channels_first"}

@@ -19,6 +19,7 @@ BACKENDS = ("auto", "triton", "torch")
 RESTART_DRAWS = ("usage", "error", "uniform")
 INITS = ("kmeans++", "random")
 LAYOUTS = ("auto", "channels_first", "channels_last")
+LEARNINGS = ("ema", "gradient", "simvq")
 
 
 class OptionError(ValueError):
@@ -59,7 +60,8 @@ class QuantizerOptions:
     ema_warmup_steps: int = option(200, "W of the warm-up", low=1)
     memory_rows: int = option(16, "rule WarmupDecay: rows per code its average holds at least; 0 = no floor",
                               low=0)
-    fit_weight_steps: int = option(16, "rule FitWeight: steps of rows the first fit weighs; 1 = off", low=1)
+    fit_weight_steps: int = option(16, "rule FitWeight (EMA codes): steps of rows the first fit weighs; 1 = off",
+                                   low=1)
     affine_reparam: bool | None = option(None, "rule MovingFrame: codes follow the data's running moments; "
                                                "None = on unless cosine")
     dead_code_threshold: float = option(1.0, "rule Restarts: EMA rows per step under which a code is re-seeded; "
@@ -72,6 +74,13 @@ class QuantizerOptions:
     codebook_dim: int | None = option(None, "search a learned projection to this many features; None = the "
                                             "input's own", low=1)
     cosine: bool = option(False, "l2-normalised vectors and codes: nearest = most similar direction")
+    learning: str = option("ema", "how the codes learn: 'ema' (moving averages of their rows), 'gradient' (a "
+                                  "parameter trained by the codebook loss), 'simvq' (a frozen base times a learned "
+                                  "linear map)", choices=LEARNINGS)
+    codebook_weight: float = option(1.0, "gradient and simvq: weight of the codebook loss mean((sg[x] - q)^2)",
+                                    low=0.0)
+    rotation_trick: bool = option(False, "the gradient through the quantizer by the rotation trick instead of "
+                                         "the straight-through estimator")
     layout: str = option("auto", "input layout: (B, dim, *spatial), (..., dim), or 'auto'", choices=LAYOUTS,
                          config=False)
 
@@ -79,12 +88,16 @@ class QuantizerOptions:
         # Written by configs before None existed here: codebook_dim 0 meant "no projection".
         if self.codebook_dim == 0:
             object.__setattr__(self, "codebook_dim", None)
-        if self.affine_reparam is None:  # cosine codes live on the unit sphere, which is their frame
-            object.__setattr__(self, "affine_reparam", not self.cosine)
+        if self.affine_reparam is None:  # cosine codes live on the unit sphere, which is their frame; learned
+            # codes are moved by their optimizer alone
+            object.__setattr__(self, "affine_reparam", not self.cosine and self.learning == "ema")
         check_fields(self)
         if self.affine_reparam and self.cosine:
             raise OptionError("affine_reparam", "and cosine exclude each other: cosine codes live on the unit "
                                                 "sphere (set affine_reparam to false or leave it unset)")
+        if self.affine_reparam and self.learning != "ema":
+            raise OptionError("affine_reparam", f"moves EMA codes; learning={self.learning!r} codes are moved by "
+                                                "their optimizer (set affine_reparam to false or leave it unset)")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,23 +1,26 @@
-"""`VectorQuantizerEMA`: a drop-in vector quantizer whose codebook learns by exponential moving averages.
+"""`VectorQuantizer`: a drop-in vector quantizer on the fused kernels, whose codebook learns by exponential moving
+averages (the default), by gradient, or as SimVQ's learned map of a frozen base (`learning`, see `vqvae.learning`).
 
-Forward: each D-vector of the input is replaced by its nearest code (a straight-through estimator carries the
-gradient to the input unchanged), and the encoder is pulled towards its codes by the commitment loss
-    loss = commitment_weight * mean((x - sg[quantized])^2).
-The codebook gets no gradient. In training mode it follows, by EMA, the mean of the vectors assigned to each code;
-in eval mode it never changes. How it is seeded, warmed up and kept alive is `vqvae.codebook`'s part; how the input
-is read, `vqvae.layout`'s; how ranks agree, `vqvae.sync`'s.
+Forward: each D-vector of the input is replaced by its nearest code; the gradient reaches the input through a
+straight-through estimator (unchanged) or the rotation trick (`rotation_trick`), and the encoder is pulled towards
+its codes by the commitment loss
+    loss = commitment_weight * mean((x - sg[quantized])^2)   (+ codebook_weight * mean((sg[x] - quantized)^2)
+                                                              for learned codes: their only gradient).
+EMA codes get no gradient: in training mode they follow, by EMA, the mean of the vectors assigned to each; in eval
+mode they never change. How the codebook is seeded, warmed up and kept alive is `vqvae.codebook`'s part; how the
+input is read, `vqvae.layout`'s; how ranks agree, `vqvae.sync`'s. `VectorQuantizerEMA` is its earlier name.
 
 - Non-finite inputs: a vector holding NaN or inf matches no code. Its index is -1, its quantized vector is NaN
   (so the loss becomes NaN and the caller sees it), and it is left out of the EMA statistics and the restarts,
   so the codebook state stays intact.
 - Masks: `forward(x, mask)` keeps padded positions out of the loss, the statistics and the restarts.
 - Gradient accumulation: inside `with quantizer.accumulate():` the statistics of each micro-batch are summed,
-  and the codebook takes one EMA step when the block ends.
+  and the codebook takes one EMA step when the block ends (learned codes: one optimizer step, as usual).
 - Backends: "triton" runs the fused kernels of `kernels`; "torch" runs `kernels.reference`, chunked PyTorch in
   fp32; "auto" picks Triton for CUDA inputs and PyTorch otherwise. `precision` ("exact" or "fast", see
   `kernels.nearest_code`) applies to the Triton search; the PyTorch search is always fp32.
-- Saving: `save_pretrained(folder)` / `VectorQuantizerEMA.from_pretrained(folder or repo id)` write and read the
-  constructor's arguments and the whole state (codebook and EMA buffers) as config.json and model.safetensors
+- Saving: `save_pretrained(folder)` / `VectorQuantizer.from_pretrained(folder or repo id)` write and read the
+  constructor's arguments and the whole state (codes, EMA buffers, learned parameters) as config.json and model.safetensors
   (`vqvae.hub`); `push_to_hub(repo_id)` uploads them.
 """
 
@@ -80,8 +83,40 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-class VectorQuantizerEMA(nn.Module, HubMixin):
-    """Quantize (B, dim, *spatial) or (..., dim) tensors against `num_codes` EMA codes.
+ROTATION_EPS = 1e-6  # the rotation trick's floor of a norm
+
+
+class _RotationTrick(torch.autograd.Function):
+    """The rotation trick (Fifty et al. 2024, arXiv 2410.06424): forward returns the codes exactly; backward hands
+    the input the gradient of q = s R x, where R rotates the input's direction onto the code's and s = |q| / |x|,
+    both held constant:
+        g_x = s (g - 2 (g.w) w + 2 (g.q^) x^),   x^ = x / |x|,  q^ = q / |q|,  w = (x^ + q^) / |x^ + q^|.
+    So the gradient keeps the angle it makes with the input's direction, as it is carried onto the code. Norms are
+    floored at 1e-6 (vector-quantize-pytorch's `rotate_to` does the same); a row without a code (NaN) gets the
+    gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx, inputs, codes):
+        ctx.save_for_backward(inputs, codes)
+        return codes
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, codes = ctx.saved_tensors
+        dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32  # half precision: in fp32
+        inputs, codes, g = inputs.to(dtype), codes.to(dtype), grad.to(dtype)
+        x_norm = inputs.norm(dim=-1, keepdim=True).clamp(min=ROTATION_EPS)
+        q_norm = codes.norm(dim=-1, keepdim=True).clamp(min=ROTATION_EPS)
+        x_dir, q_dir = inputs / x_norm, codes / q_norm
+        w = F.normalize(x_dir + q_dir, dim=-1, eps=ROTATION_EPS)
+        along_w, along_q = (g * w).sum(dim=-1, keepdim=True), (g * q_dir).sum(dim=-1, keepdim=True)
+        rotated = (q_norm / x_norm) * (g - 2 * along_w * w + 2 * along_q * x_dir)
+        return torch.where(torch.isfinite(codes).all(dim=-1, keepdim=True), rotated, g).to(grad.dtype), None
+
+
+class VectorQuantizer(nn.Module, HubMixin):
+    """Quantize (B, dim, *spatial) or (..., dim) tensors against `num_codes` codes (learned by EMA, by gradient
+    or as SimVQ's map: `learning`).
 
     Every keyword argument is a field of `vqvae.options.QuantizerOptions` (its meaning and range are written
     there), and positional ones after `dim` are its first fields (decay, eps, commitment_weight). The codebook and
@@ -130,18 +165,20 @@ class VectorQuantizerEMA(nn.Module, HubMixin):
             z = self._to_code_space(rows)
             if self.training:
                 self.book.before_search_(z.detach(), keep)
+            all_codes = self.book.refresh_()  # learned codes: with their autograd graph
             indices = self.book.nearest(z.detach())
             matched = indices >= 0
-            codes = F.embedding(indices.clamp(min=0), self.codebook)
+            codes = F.embedding(indices.clamp(min=0), all_codes)
             codes = torch.where(matched[:, None], codes, float("nan"))
-            loss = self.options.commitment_weight * _masked_mse(z.float(), codes, keep)
+            loss = self._loss(z.float(), codes, keep)
             # -1 leaves a row out of the statistics: unmatched (non-finite) rows and masked-out positions.
             stats_indices = indices if keep is None else torch.where(keep, indices, -1)
             if self.training:
                 counts, dead = self.book.learn_(z.detach(), stats_indices)
             else:
                 counts, dead = code_counts(stats_indices, self.num_codes), self.book.dead_codes()
-            quantized = _StraightThrough.apply(z, codes.to(z.dtype))
+            through = _RotationTrick if self.options.rotation_trick else _StraightThrough
+            quantized = through.apply(z, codes.detach().to(z.dtype))
             if self.options.codebook_dim is not None:
                 quantized = self.project_out(quantized)
         return QuantizerOutput(
@@ -152,6 +189,14 @@ class VectorQuantizerEMA(nn.Module, HubMixin):
             usage=(counts > 0).float().mean(),
             dead_codes=dead.sum(),
         )
+
+    def _loss(self, z: torch.Tensor, codes: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """commitment_weight * mean((z - sg[q])^2), plus, for learned codes, codebook_weight * mean((sg[z] - q)^2):
+        the codes' only gradient."""
+        loss = self.options.commitment_weight * _masked_mse(z, codes.detach(), keep)
+        if self.book.learning.learned:
+            loss = loss + self.options.codebook_weight * _masked_mse(z.detach(), codes, keep)
+        return loss
 
     def _to_code_space(self, rows: torch.Tensor) -> torch.Tensor:
         """The vectors searched: the rows as given, their projection to codebook_dim (fp32), l2-normalised for
@@ -164,7 +209,7 @@ class VectorQuantizerEMA(nn.Module, HubMixin):
         channels-last (the codes themselves, or their projection back to dim)."""
         if indices.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
-        codes = F.embedding(indices.long(), self.codebook)
+        codes = F.embedding(indices.long(), self.book.refresh_())
         return codes if self.options.codebook_dim is None else self.project_out(codes)
 
     def accumulate(self):
@@ -196,3 +241,7 @@ def _masked_mse(rows: torch.Tensor, codes: torch.Tensor, keep: torch.Tensor | No
     # where, not a product: masked-out padding may hold anything, NaN included.
     squared = torch.where(keep[:, None], (rows - codes).square(), 0.0)
     return squared.sum() / (keep.sum() * rows.shape[1]).clamp(min=1)
+
+
+# Its name from before the codes could learn by gradient: code, checkpoints and pretrained folders that use it work.
+VectorQuantizerEMA = VectorQuantizer

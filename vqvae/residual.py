@@ -1,10 +1,11 @@
-"""`ResidualVectorQuantizerEMA`: a stack of EMA vector quantizers, each quantizing what the layers before it left.
+"""`ResidualVectorQuantizer`: a stack of vector quantizers, each quantizing what the layers before it left
+(`ResidualVectorQuantizerEMA` is its earlier name).
 
 Layer 1 quantizes the input x; layer l + 1 quantizes the residual r_{l+1} = r_l - q_l that layers 1..l leave, and the
 output is the sum of the layers' codes q_1 + ... + q_L (residual VQ: SoundStream, EnCodec, DAC, RQ-VAE). Each layer
-is a `VectorQuantizerEMA` built from the same keyword arguments, so every option of the single layer (backend,
-precision, EMA warm-up, affine re-parameterisation, dead-code restarts, k-means++ seeding, low-dimensional or cosine
-codes, determinism) holds for every layer, as do masks, `accumulate()` and the all-reduce under torch.distributed:
+is a `VectorQuantizer` built from the same keyword arguments, so every option of the single layer (backend,
+precision, how the codes learn, EMA warm-up, affine re-parameterisation, dead-code restarts, k-means++ seeding,
+low-dimensional or cosine codes, the rotation trick, determinism) holds for every layer, as do masks, `accumulate()` and the all-reduce under torch.distributed:
 the layers do all of it themselves, and nothing of their logic is repeated here.
 
 Gradients. q_l is layer l's straight-through output, and the residuals are formed from it, as in EnCodec and DAC:
@@ -21,7 +22,7 @@ Gradients. q_l is layer l's straight-through output, and the residuals are forme
 - The residuals are computed in fp32 whatever the input's dtype (a bf16 residual after a few layers would be mostly
   rounding); the output takes the input's dtype.
 
-Shared codebook (`shared_codebook=True`): one `VectorQuantizerEMA` serves every layer. Within a forward pass every
+Shared codebook (`shared_codebook=True`): one `VectorQuantizer` serves every layer. Within a forward pass every
 layer searches the same codebook, and the codebook takes one EMA step per training step with all layers'
 statistics summed (the layers run inside the codebook's `accumulate()`): the decay keeps its per-step meaning, and a
 code is averaged over every vector, at any depth, that chose it. The dead-code re-seed candidates of that step are
@@ -35,7 +36,7 @@ process under torch.distributed runs the same layers (each layer all-reduces its
 what the uninterrupted one would have. Dropped layers report index -1, loss 0, perplexity 1 and usage 0, and their
 codebooks do not move.
 
-Saving: `save_pretrained(folder)` / `ResidualVectorQuantizerEMA.from_pretrained(folder or repo id)` write and read
+Saving: `save_pretrained(folder)` / `ResidualVectorQuantizer.from_pretrained(folder or repo id)` write and read
 the constructor's arguments and every layer's state as config.json and model.safetensors (`vqvae.hub`).
 """
 
@@ -53,7 +54,7 @@ from vqvae.hub import HubMixin
 from vqvae.layout import from_rows, grid_shape, mask_rows, to_rows
 from vqvae.options import QuantizerOptions, ResidualOptions, renamed_options
 from vqvae.codebook import Codebook
-from vqvae.quantizer import ResidualQuantizerOutput, VectorQuantizerEMA  # noqa: F401  (re-exported)
+from vqvae.quantizer import ResidualQuantizerOutput, VectorQuantizer, VectorQuantizerEMA  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class ResidualStep:
     dead_codes: torch.Tensor | None = None
 
 
-class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
+class ResidualVectorQuantizer(nn.Module, HubMixin):
     """Quantize (B, dim, *spatial) or (..., dim) tensors with `num_quantizers` residual layers of `num_codes` codes.
 
     The stack's own keywords are the fields of `vqvae.options.ResidualOptions` (`shared_codebook`: one codebook
@@ -83,7 +84,7 @@ class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
         # The layers are handed rows (N, dim), never the caller's tensor: the layout is read once, here.
         layer_kwargs = {**kwargs, "layout": "channels_last"}
         count = 1 if self.shared_codebook else num_quantizers
-        self.layers = nn.ModuleList(VectorQuantizerEMA(num_codes, dim, **layer_kwargs) for _ in range(count))
+        self.layers = nn.ModuleList(VectorQuantizer(num_codes, dim, **layer_kwargs) for _ in range(count))
         # Training forwards that drew a number of layers: the quantizer-dropout clock (see the module docstring),
         # with a host copy so that drawing never reads the device.
         self.register_buffer("dropout_draws", torch.tensor(0, dtype=torch.int64))
@@ -102,7 +103,7 @@ class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
         """Every codebook: each layer's, or the shared one."""
         return [layer.book for layer in self.layers]
 
-    def layer(self, index: int) -> VectorQuantizerEMA:
+    def layer(self, index: int) -> VectorQuantizer:
         """The quantizer of layer `index` (from 0): its own, or the shared one."""
         return self.layers[0 if self.shared_codebook else index]
 
@@ -136,10 +137,11 @@ class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
             out = layer(residual, keep)
             total = out.quantized if total is None else total + out.quantized
             residual = residual - out.quantized
-            if layer.options.codebook_dim is None and not layer.options.cosine:
+            plain = layer.options
+            if plain.codebook_dim is None and not plain.cosine and not plain.rotation_trick:
                 # A plain layer's straight-through gradient is the identity, so the gradient through this residual
                 # would cancel exactly (r - q with dq/dr = I): cutting it changes nothing and keeps the deeper
-                # layers' tensors out of the autograd graph.
+                # layers' tensors out of the autograd graph. (Learned codes get theirs from the loss alone.)
                 residual = residual.detach()
             outs.append(out._replace(quantized=None))
         return total, outs
@@ -251,3 +253,6 @@ class ResidualVectorQuantizerEMA(nn.Module, HubMixin):
     def _sync_draws(self) -> None:
         self._draws = int(self.dropout_draws)
 
+
+# Its name from before the codes could learn by gradient: code, checkpoints and pretrained folders that use it work.
+ResidualVectorQuantizerEMA = ResidualVectorQuantizer

@@ -263,9 +263,9 @@ class Restarts(Rule):
         else:
             seed = (rows_in_step / book.num_codes).clamp(min=book.seed_floor())  # a device scalar: no host sync
         book.codebook.copy_(torch.where(reseed[:, None], candidates, book.codebook))
-        book.embed_sum.copy_(torch.where(reseed[:, None], candidates * seed, book.embed_sum))
         for count in {id(t): t for t in (book.cluster_size, book.activity())}.values():
             count.copy_(torch.where(reseed, seed, count))
+        book.learning.codes_written_(book, reseed)
 
 
 def rules_from_options(options: QuantizerOptions) -> list[Rule]:
@@ -275,7 +275,7 @@ def rules_from_options(options: QuantizerOptions) -> list[Rule]:
         rules.append(WarmupDecay(options.ema_warmup_steps, options.memory_rows))
     if options.kmeans_iters > 0:
         rules.append(LloydFit(options.kmeans_iters))
-    if options.fit_weight_steps > 1:
+    if options.fit_weight_steps > 1 and options.learning == "ema":  # learned codes do not average the fit
         rules.append(FitWeight(options.fit_weight_steps))
     if options.affine_reparam:
         rules.append(MovingFrame())

@@ -54,13 +54,18 @@ from vqvae.runlog import CollapseWatch, log, open_metrics, postfix, print_summar
 # ---- setup ----
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    # decay the conv weights only, as usual: biases gain nothing from it. The codebook is a buffer (EMA), so
-    # the optimizer never touches it.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # decay the conv weights only, as usual: biases gain nothing from it, and learned codes (a codebook, SimVQ's
+    # map) would be pulled towards the origin, away from their rows. EMA codes are buffers: no optimizer's.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [p for n, p in named if p.dim() >= 2 and not _is_codebook_parameter(n)]
+    groups = [{"params": decayed, "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for n, p in named if not any(p is d for d in decayed)], "weight_decay": 0.0}]
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused)
+
+
+def _is_codebook_parameter(name: str) -> bool:
+    return ".book." in f".{name}"
 
 
 class WarmupCosine:
