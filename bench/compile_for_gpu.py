@@ -1,6 +1,7 @@
 """Compile every kernel launch the quantizer makes for an NVIDIA GPU, as the launch compiles it; no GPU needed.
 
     python -m bench.compile_for_gpu [--arch 90] [--model]
+    python -m bench.compile_for_gpu --model --shapes 65536,262144,8 65536,262144,32   # the searches at these shapes
 
 Triton's interpreter, which runs the kernels on the CPU in the tests, is lenient where the compiler is not, and
 cannot say what the compiled code costs. This script
@@ -81,6 +82,14 @@ def recording(launches: list, case: str):
     finally:
         (triton.runtime.JITFunction.run, triton.runtime.Autotuner.run, kernels._common.INTERPRET,
          kernels.nearest_exact._fallback_programs) = saved
+
+
+def search_calls(shapes) -> list:
+    """(case name, call): the search in each mode, fp32 x against an fp32 codebook, at each (N, K, D) of `shapes`."""
+    return [(f"nearest_code {precision} x float32 N={n} K={k} D={d}",
+             lambda n=n, k=k, d=d, p=precision: kernels.nearest_code(
+                 torch.zeros(n, d), kernels.prepare_codebook(torch.zeros(k, d)), p))
+            for n, k, d in shapes for precision in kernels.PRECISIONS]
 
 
 def quantizer_calls():
@@ -330,36 +339,40 @@ def predict_search(fig: Figures, meta: dict, options: dict, n: int, k: int, d: i
 
 # -- main ---------------------------------------------------------------------------------------------------------
 
-def compile_all(arch: int, model: bool = False, only: str = "") -> list[str]:
+def compile_all(arch: int, model: bool = False, only: str = "", shapes=()) -> list[str]:
+    """Compile the quantizer's launches (with `shapes`: the searches at those (N, K, D) alone) and, with `model`,
+    predict each search's time at the seed shape (or at each of `shapes`) on an H100."""
     limit = MAX_SHARED_BYTES[arch]
-    failures, seen = [], set()
-    launches = record_launches([(name, call) for name, call in quantizer_calls() if only in name])
+    failures, figures = [], {}
+    calls = search_calls(shapes) if shapes else quantizer_calls()
+    launches = record_launches([(name, call) for name, call in calls if only in name])
     for launch in launches:
         fitting = 0
         for meta, options in configurations(launch, limit):
             kwargs = {**launch.kwargs, **meta}
             key = (launch.fn.__name__, str(specialise(launch.fn, launch.args, kwargs)), str(options))
-            if key in seen:
-                fitting += 1
-                continue
-            seen.add(key)
             label = f"sm_{arch} {launch.case}: {launch.fn.__name__} {meta or ''} {options}"
-            try:
-                compiled = compile_launch(launch, meta, options, arch)
-            except Exception as error:  # noqa: BLE001  (report every kernel, then fail)
-                failures.append(f"{label}: {type(error).__name__}: {error}")
-                print(f"FAIL {label}: {error}")
-                continue
-            inner = 1 if kwargs.get("ONE_D_TILE", True) else triton.cdiv(launch.args[launch.fn.arg_names.index("D")],
-                                                                          kwargs["BLOCK_D"])
-            fig = read_figures(compiled, inner)
-            fits = fig.shared <= limit
-            fitting += fits
-            if not fits:
-                failures.append(f"{label}: kept by the pruning but needs {fig.shared} B of shared memory (> {limit})")
-            print(f"{'ok ' if fits else 'big'}  {label}: {describe(fig)}")
-            if model and arch == 90 and launch.case.endswith(SEED_NAME) and launch.fn.__name__ in MODELLED:
-                n, k, d = SEED
+            if key not in figures:  # the same specialisation compiles to the same code: once
+                try:
+                    compiled = compile_launch(launch, meta, options, arch)
+                except Exception as error:  # noqa: BLE001  (report every kernel, then fail)
+                    failures.append(f"{label}: {type(error).__name__}: {error}")
+                    print(f"FAIL {label}: {error}")
+                    continue
+                inner = 1 if kwargs.get("ONE_D_TILE", True) else triton.cdiv(
+                    launch.args[launch.fn.arg_names.index("D")], kwargs["BLOCK_D"])
+                figures[key] = fig = read_figures(compiled, inner)
+                print(f"{'ok ' if fig.shared <= limit else 'big'}  {label}: {describe(fig)}")
+                if fig.shared > limit:
+                    failures.append(f"{label}: kept by the pruning but needs {fig.shared} B of shared memory "
+                                    f"(> {limit})")
+            fig = figures[key]
+            fitting += fig.shared <= limit
+            modelled = launch.case.endswith(SEED_NAME) or bool(shapes)
+            if model and arch == 90 and modelled and launch.fn.__name__ in MODELLED:
+                n, k, d = (int(v) for v in re.findall(r"[NKD]=(\d+)", launch.case))
+                if shapes:
+                    print(f"     {launch.case}: {launch.fn.__name__} {meta} {options}")
                 x = launch.args[0]
                 p = predict_search(fig, meta, options, n, k, d, x.element_size(), limit)
                 print(f"     model: {p['seconds'] * 1e6:.0f} us (per tile: MMA {p['mma_cycles']:.0f}, issue "
@@ -378,10 +391,13 @@ def main() -> None:
                         help="compute capability, e.g. 90 (H100) or 80 (A100)")
     parser.add_argument("--model", action="store_true", help="predict seed-shape times on an H100 (sm_90)")
     parser.add_argument("--only", default="", help="only the cases whose name contains this")
+    parser.add_argument("--shapes", nargs="+", default=[], metavar="N,K,D",
+                        help="compile (and with --model predict) the searches at these shapes instead")
     parser.add_argument("--self-check", action="store_true",
                         help="only compare this script's specialisation with Triton's launcher's, for one config")
     args = parser.parse_args()
-    failures = self_check(args.arch) if args.self_check else compile_all(args.arch, args.model, args.only)
+    shapes = [tuple(int(v) for v in shape.split(",")) for shape in args.shapes]
+    failures = self_check(args.arch) if args.self_check else compile_all(args.arch, args.model, args.only, shapes)
     sys.exit(1 if failures else 0)
 
 

@@ -56,6 +56,13 @@ if ON_CUDA:
 else:  # small enough that `pytest bench --benchmark-only` finishes in minutes on two cores
     SHAPES = [SEED, *_sweeps(CPU_STAND_IN, ns=(4096,), ks=(512,), ds=(64,))]
 
+# Large codebooks (issue 23): K from the seed's 4,096 to 2^18, at the dimensions large codebooks use (8, 32) and the
+# seed's 256, for 64 images of 32 x 32 latents on CUDA and 16 on the CPU. Their own benchmark functions
+# (`-k large_codebook`); on the CPU only with BENCH_LARGE_CODEBOOKS=1, as they take tens of minutes there.
+LARGE_CODEBOOK_SHAPES = [Shape(SEED.n if ON_CUDA else CPU_STAND_IN.n, k, d)
+                         for k in (4096, 16384, 65536, 262144) for d in (8, 32, 256)]
+LARGE_CODEBOOKS_ON = ON_CUDA or os.environ.get("BENCH_LARGE_CODEBOOKS") == "1"
+
 # Above this many multiply-adds (N K D), a provider marked `heavy` is skipped on the CPU: the seed shape costs it
 # tens of seconds a round there, and CPU_STAND_IN measures the same code paths at a quarter of the rows.
 CPU_MAX_WORK = CPU_STAND_IN.n * CPU_STAND_IN.k * CPU_STAND_IN.d
@@ -135,12 +142,15 @@ class Operation:
         return contextlib.nullcontext() if self.backward else torch.no_grad()
 
 
-def cases(providers, shapes=None) -> list:
-    """pytest parameters (provider, shape) with readable ids (`-k eager-fp32`, `-k N16384`) and skip marks."""
+def cases(providers, shapes=None, large_codebooks: bool = False) -> list:
+    """pytest parameters (provider, shape) with readable ids (`-k eager-fp32`, `-k N16384`) and skip marks;
+    `large_codebooks`: at LARGE_CODEBOOK_SHAPES."""
     params = []
-    for shape in shapes or SHAPES:
+    for shape in LARGE_CODEBOOK_SHAPES if large_codebooks else shapes or SHAPES:
         for provider in providers:
             reason = skip_reason(provider, shape)
+            if large_codebooks and not LARGE_CODEBOOKS_ON:
+                reason = "large codebooks on the CPU take tens of minutes: set BENCH_LARGE_CODEBOOKS=1"
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             params.append(pytest.param(provider, shape, id=f"{provider}-{shape}", marks=marks))
     return params

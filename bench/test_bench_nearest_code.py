@@ -100,3 +100,8 @@ NEAREST_CODE = harness.Operation(
 @pytest.mark.parametrize("provider, shape", harness.cases(PROVIDERS))
 def test_nearest_code(benchmark, provider, shape):
     harness.benchmark_case(benchmark, NEAREST_CODE, provider, shape)
+
+
+@pytest.mark.parametrize("provider, shape", harness.cases(PROVIDERS, large_codebooks=True))
+def test_nearest_code_large_codebook(benchmark, provider, shape):
+    harness.benchmark_case(benchmark, NEAREST_CODE, provider, shape)

@@ -66,6 +66,11 @@ def test_quantizer_step(benchmark, provider, shape):
     harness.benchmark_case(benchmark, QUANTIZER_STEP, provider, shape)
 
 
+@pytest.mark.parametrize("provider, shape", harness.cases(PROVIDERS, large_codebooks=True))
+def test_quantizer_step_large_codebook(benchmark, provider, shape):
+    harness.benchmark_case(benchmark, QUANTIZER_STEP, provider, shape)
+
+
 @pytest.mark.skipif(not harness.installed("vector_quantize_pytorch"), reason="vector_quantize_pytorch is not installed")
 def test_torch_step_against_vector_quantize_pytorch(benchmark):
     """VectorQuantizerEMA(backend="torch") takes at most a quarter of vector-quantize-pytorch's time and peak memory

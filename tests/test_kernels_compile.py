@@ -7,6 +7,7 @@ configuration that the kernels' pruning keeps; it needs TRITON_INTERPRET unset, 
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,14 @@ def test_compile_check_specialises_as_triton_launches():
     result = _run("--self-check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 differences" in result.stdout, result.stdout
+
+
+def test_large_codebook_searches_compile_and_are_modelled():
+    """The searches at 2^18 + 3 codes of 19 features (odd: not a tile multiple, D padded) compile in both modes,
+    and the static model predicts each kept configuration's time there (bench/NOTES.md, large codebooks)."""
+    result = _run("--model", "--shapes", "16384,262147,19")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for precision in ("exact", "fast"):
+        assert f"ok   sm_90 nearest_code {precision} x float32 N=16384 K=262147 D=19" in result.stdout
+    predictions = [float(us) for us in re.findall(r"model: (\d+) us", result.stdout)]
+    assert predictions and all(us > 0 for us in predictions), result.stdout
