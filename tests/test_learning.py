@@ -238,3 +238,21 @@ def test_learned_codebooks_save_and_load(learning, tmp_path):
     x = torch.randn(2, 9, D)
     quantizer.eval(), loaded.eval()
     assert torch.equal(loaded(x).indices, quantizer(x).indices)
+
+
+@pytest.mark.parametrize("learning", ["gradient", "simvq"])
+def test_the_trainer_keeps_learned_codes_out_of_weight_decay(learning):
+    from vqvae.config import Config  # noqa: PLC0415
+    from vqvae.model import build_model  # noqa: PLC0415
+    from vqvae.train import make_optimizer  # noqa: PLC0415
+
+    cfg = Config()
+    cfg.model.hidden_channels, cfg.model.residual_layers, cfg.model.residual_hidden = 8, 1, 4
+    cfg.model.embedding_dim, cfg.quantizer.num_codes, cfg.quantizer.learning = 8, 16, learning
+    cfg.quantizer.affine_reparam, cfg.optim.weight_decay = None, 0.1
+    model = build_model(cfg)
+    decayed = {id(p) for group in make_optimizer(model, cfg).param_groups if group["weight_decay"] > 0
+               for p in group["params"]}
+    learned = [p for name, p in model.named_parameters() if ".book." in name]
+    assert learned and not any(id(p) in decayed for p in learned)
+    assert any(id(p) in decayed for p in model.encoder.parameters()), "the conv weights are still decayed"
