@@ -64,6 +64,29 @@ def test_parity_with_vector_quantize_pytorch_over_training_steps(backend, device
         torch.testing.assert_close(ours.quantizer.book.cluster_size, peer._codebook.cluster_size[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rotation_trick", [None, False])
+def test_the_input_gets_the_packages_gradient_by_default_and_straight_through(rotation_trick, device):
+    """That package passes the gradient through by the rotation trick unless told not to; so does the adapter."""
+    codes = _separated_codes()
+    choice = {} if rotation_trick is None else {"rotation_trick": rotation_trick}
+    peer = vqp.VectorQuantize(dim=DIM, codebook_size=CODES, decay=0.9, commitment_weight=0.25, **choice)
+    peer.load_state_dict(_peer(codes, decay=0.9).state_dict())
+    peer = peer.to(device).train()
+    ours = VectorQuantize(DIM, CODES, decay=0.9, commitment_weight=0.25, rotation_trick=rotation_trick).to(device)
+    ours.load_vector_quantize_pytorch_state(peer.state_dict())
+    x = _near(codes, 4, 50).to(device)
+    upstream = torch.randn_like(x)
+    grads = []
+    for model in (peer, ours.train()):
+        rows = x.clone().requires_grad_()
+        quantized, _, loss = model(rows)
+        (quantized * upstream).sum().add(loss.sum()).backward()
+        grads.append(rows.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+    straight = upstream + 0.25 * 2 * (x - ours.codebook[ours(x)[1]]) / x.numel()  # not rotated
+    assert (rotation_trick is None) != torch.allclose(grads[1], straight, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_parity_with_vector_quantize_pytorch_when_dead_codes_restart(backend, device):
     """threshold_ema_dead_code=2: the same codes die at the same steps, restart with the package's count (the

@@ -8,8 +8,8 @@ particular none of them builds the N x K distance matrix or one-hot encodings th
 import torch
 from torch import nn
 
-from .quantizer import VectorQuantizer, VectorQuantizerEMA
-from .residual import ResidualVectorQuantizerEMA
+from .quantizer import VectorQuantizer
+from .residual import ResidualVectorQuantizer
 
 
 class VectorQuantize(nn.Module):
@@ -21,19 +21,22 @@ class VectorQuantize(nn.Module):
     `load_vector_quantize_pytorch_state` takes over a codebook trained with that package instead. Its EMA is that
     package's: a constant decay, codes averaged in the data's own coordinates, and a dead code (EMA count under
     `threshold_ema_dead_code`) re-seeded from a batch row with that count, unless `quantizer_kwargs` ask for our
-    options (`ema_warmup`, `affine_reparam`, ...). Their other options (heads, projections, cosine similarity,
-    rotation trick, ...) are not offered: the gradient is the plain straight-through one.
+    options (`ema_warmup`, `affine_reparam`, ...). The gradient reaches the input by the rotation trick, as that
+    package's default is (for dim > 1; `rotation_trick=False`: straight through). Their other options (heads,
+    projections, cosine similarity, learnable codebooks: use our `learning` option, ...) are not offered.
     """
 
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.8, eps: float = 1e-5,
                  commitment_weight: float = 1.0, threshold_ema_dead_code: float = 0.0, channel_last: bool = True,
-                 accept_image_fmap: bool = False, **quantizer_kwargs):
+                 accept_image_fmap: bool = False, rotation_trick: bool | None = None, **quantizer_kwargs):
         super().__init__()
         self.channel_last, self.accept_image_fmap = channel_last, accept_image_fmap
         layout = "channels_first" if accept_image_fmap or not channel_last else "channels_last"
-        self.quantizer = VectorQuantizerEMA(codebook_size, dim, decay, eps, commitment_weight,
-                                            dead_code_threshold=threshold_ema_dead_code, layout=layout,
-                                            **{**_as_that_package(threshold_ema_dead_code), **quantizer_kwargs})
+        rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
+        self.quantizer = VectorQuantizer(codebook_size, dim, decay, eps, commitment_weight,
+                                         dead_code_threshold=threshold_ema_dead_code, layout=layout,
+                                         rotation_trick=rotation_trick,
+                                         **{**_as_that_package(threshold_ema_dead_code), **quantizer_kwargs})
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -129,7 +132,7 @@ class SimVQ(nn.Module):
 
 class ResidualVQ(nn.Module):
     """In the style of `vector_quantize_pytorch.ResidualVQ` (Euclidean EMA codebooks, one head), on
-    `ResidualVectorQuantizerEMA` (`self.quantizer`).
+    `ResidualVectorQuantizer` (`self.quantizer`).
 
     forward(x, mask=None, return_all_codes=False) -> (quantized, indices, losses) or, with `return_all_codes`,
     (quantized, indices, losses, all_codes): x of shape (B, N, dim), or (B, dim, H, W) with `accept_image_fmap=True`;
@@ -163,7 +166,7 @@ class ResidualVQ(nn.Module):
             raise ValueError("codebook_dim projections are offered for channel-last input (B, N, dim) only")
         self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
-        self.quantizer = ResidualVectorQuantizerEMA(
+        self.quantizer = ResidualVectorQuantizer(
             num_quantizers, codebook_size, codebook_dim, shared_codebook=shared_codebook,
             layer_dropout=quantize_dropout, min_layers=min(quantize_dropout_cutoff_index + 1, num_quantizers),
             layout=layout, decay=decay, eps=eps, commitment_weight=commitment_weight,
@@ -225,7 +228,7 @@ class TamingVectorQuantizer(nn.Module):
                  **quantizer_kwargs):
         super().__init__()
         self.sane_index_shape = sane_index_shape
-        self.quantizer = VectorQuantizerEMA(n_e, e_dim, decay, commitment_weight=beta, layout="channels_first",
+        self.quantizer = VectorQuantizer(n_e, e_dim, decay, commitment_weight=beta, layout="channels_first",
                                             **quantizer_kwargs)
 
     def forward(self, z: torch.Tensor):
@@ -252,7 +255,7 @@ class SonnetVectorQuantizerEMA(nn.Module):
     def __init__(self, embedding_dim: int, num_embeddings: int, commitment_cost: float, decay: float,
                  epsilon: float = 1e-5, **quantizer_kwargs):
         super().__init__()
-        self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, decay, epsilon, commitment_cost,
+        self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, decay, epsilon, commitment_cost,
                                             layout="channels_last", **quantizer_kwargs)
 
     def forward(self, inputs: torch.Tensor, is_training: bool | None = None) -> dict:
