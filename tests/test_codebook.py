@@ -269,6 +269,29 @@ def test_a_codebook_larger_than_a_batch_fills_within_a_few_steps_without_copies(
     assert chosen.float().mean().item() >= 0.9, chosen.float().mean().item()
 
 
+def test_with_more_codes_than_rows_an_abandoned_code_is_moved_within_two_hundred_steps(device):
+    """512 codes, 64 rows a step (threshold: a quarter of the fair share, 1/32 row). The data jumps to a far region
+    for 19 steps (the codes are re-seeded there), then back: the codes left in the far region win no rows and must
+    be found dead and moved. A re-seeded code starts with its fair share (1/8 row), so at the memory floor's decay
+    (0.992) it is dead after ~180 steps; with the former floor of one row it took ~340. (The rule is the same on
+    both backends: the PyTorch one, for speed.)"""
+    num_codes, dim, rows, backend = 512, 4, 64, "torch"
+    generator = torch.Generator(device=device).manual_seed(5)
+    quantizer = VectorQuantizerEMA(num_codes, dim, backend=backend, dead_code_threshold=0.25 * rows / num_codes,
+                                   affine_reparam=False).to(device)
+    batch = lambda shift: torch.randn(rows, dim, device=device, generator=generator) + shift  # noqa: E731
+    quantizer(batch(0.0))
+    for _ in range(2, 21):
+        quantizer(batch(50.0))
+    far = lambda: ((quantizer.codebook - 50.0).norm(dim=1) < 10).sum().item()  # noqa: E731
+    assert far() > 0.8 * num_codes
+    for step in range(21, 251):
+        quantizer(batch(0.0))
+        if far() == 0:
+            break
+    assert far() == 0, f"{far()} codes still wait in the far region at step 250"
+
+
 def _growing_stream(step, device, dim=8, rows=512, generator=None):
     """Encoder-like outputs: a cloud of 32 directions whose mean drifts and whose spread grows tenfold over 40
     steps, as the seed configuration's encoder outputs do in its first hundred steps."""
