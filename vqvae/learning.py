@@ -58,10 +58,13 @@ class GradientLearning:
     learned = True
 
     def register(self, book) -> None:
-        book.weight = nn.Parameter(book.codebook.clone())
+        self._register_parameters(book)
         # Codes that the codebook's parts wrote since the last forward, to carry into the parameters (saved, so a
         # checkpoint taken between a restart and the next forward keeps it).
         book.register_buffer("rewritten", torch.zeros(book.num_codes, dtype=torch.bool))
+
+    def _register_parameters(self, book) -> None:
+        book.weight = nn.Parameter(book.codebook.clone())
 
     def codes(self, book) -> torch.Tensor:
         return F.normalize(book.weight, dim=1) if book.cosine else book.weight
@@ -97,10 +100,9 @@ class GradientLearning:
 class SimVQLearning(GradientLearning):
     name = "simvq"
 
-    def register(self, book) -> None:
+    def _register_parameters(self, book) -> None:
         book.register_buffer("base", book.codebook.clone())  # frozen: no gradient; restarts rewrite rows
         book.map_weight = nn.Parameter(torch.eye(book.dim))  # q_k = W b_k, as nn.Linear(dim, dim, bias=False)
-        book.register_buffer("rewritten", torch.zeros(book.num_codes, dtype=torch.bool))
 
     def codes(self, book) -> torch.Tensor:
         codes = book.base @ book.map_weight.T
