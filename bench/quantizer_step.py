@@ -98,7 +98,7 @@ def make_step(provider: str, n: int, k: int, d: int, device: str, layers: int | 
 # -- peak memory in a fresh process ----------------------------------------------------------------------------
 
 
-def _proc_status_bytes(field: str) -> int:
+def proc_status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -106,7 +106,7 @@ def _proc_status_bytes(field: str) -> int:
     raise KeyError(field)
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's resident-set high-water mark (VmHWM) of this process; Linux >= 4.0."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -142,10 +142,10 @@ def measure_peak_memory(provider: str, n: int, k: int, d: int, device: str = "cp
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    if _reset_peak_rss():
-        before = _proc_status_bytes("VmRSS")
+    if reset_peak_rss():
+        before = proc_status_bytes("VmRSS")
         step()
-        result["rss_peak_bytes"] = _proc_status_bytes("VmHWM") - before
+        result["rss_peak_bytes"] = proc_status_bytes("VmHWM") - before
     result["tensor_peak_bytes"] = harness.cpu_tensor_peak(step)
     return result
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kernels
+from bench.quantizer_step import reset_peak_rss
 from kernels import reference
 
 from test_nearest_code import _assert_nearest
@@ -42,19 +43,15 @@ def test_a_quarter_million_codes_are_searched_exactly(search, device):
 # resident before it.
 _MEASURE = """
 import json, sys, torch
+from bench.quantizer_step import proc_status_bytes, reset_peak_rss
 from kernels import reference
 from vqvae.quantizer import VectorQuantizerEMA
 
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
 def rise(call):
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS:")
+    reset_peak_rss()
+    before = proc_status_bytes("VmRSS")
     call()
-    return status("VmHWM:") - before
+    return proc_status_bytes("VmHWM") - before
 
 rows, codes, dim = (int(a) for a in sys.argv[1:4])
 torch.manual_seed(0)
@@ -70,16 +67,7 @@ print(json.dumps({"search": search, "seeding": seeding, "step": step}))
 """
 
 
-def _can_reset_peak_memory() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _can_reset_peak_memory(), reason="needs Linux's /proc/self/clear_refs to reset peak memory")
+@pytest.mark.skipif(not reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs to reset peak memory")
 def test_the_pytorch_path_never_holds_rows_by_codes_scores():
     """4,096 rows against 65,536 codes: one fp32 score matrix would be 1 GiB, and one chunk of 1,024 rows by every
     code (the search before it tiled the codes) 256 MiB. The search, the seeding step and a steady training step
