@@ -42,9 +42,11 @@ LATENTS_PER_IMAGE = 32 * 32
 PEER_EMA = {"ema_warmup": False, "fit_weight_steps": 1, "affine_reparam": False, "dead_code_threshold": 0.0}
 
 
-def make_forward(provider: str, k: int, d: int, device: str, layers: int | None = None):
+def make_forward(provider: str, k: int, d: int, device: str, layers: int | None = None, options: dict | None = None):
     """The provider's quantizer (layers None) or residual stack (layers an int) in train mode, as a function
-    forward(inputs) -> (quantized, loss)."""
+    forward(inputs) -> (quantized, loss). options: further keywords for our quantizers (e.g. `learning`)."""
+    if options and provider not in OURS:
+        raise ValueError(f"options {options} are for our quantizers ({', '.join(OURS)}), not {provider}")
     if provider == "vector-quantize-pytorch":
         from vector_quantize_pytorch import ResidualVQ, VectorQuantize  # noqa: PLC0415
 
@@ -66,7 +68,7 @@ def make_forward(provider: str, k: int, d: int, device: str, layers: int | None 
     kwargs = {"decay": DECAY, "eps": EPS, "commitment_weight": COMMITMENT,
               "backend": "triton" if provider.startswith("triton-") else "torch",
               "precision": "fast" if provider == "triton-fast" else "exact",
-              **(PEER_EMA if provider == "torch-peer-ema" else {})}
+              **(PEER_EMA if provider == "torch-peer-ema" else {}), **(options or {})}
     if layers is None:
         module = VectorQuantizerEMA(k, d, **kwargs)
     else:
@@ -81,11 +83,12 @@ def make_forward(provider: str, k: int, d: int, device: str, layers: int | None 
     return forward
 
 
-def make_step(provider: str, n: int, k: int, d: int, device: str, layers: int | None = None):
+def make_step(provider: str, n: int, k: int, d: int, device: str, layers: int | None = None,
+              options: dict | None = None):
     """A function that runs one training step on a fixed batch of n random vectors (its own module state)."""
     per_image = LATENTS_PER_IMAGE if n % LATENTS_PER_IMAGE == 0 else n
     x = torch.randn(n // per_image, per_image, d, device=device)
-    forward = make_forward(provider, k, d, device, layers)
+    forward = make_forward(provider, k, d, device, layers, options)
 
     def step():
         inputs = x.detach().requires_grad_()

@@ -52,7 +52,8 @@ def test_smoke_report_is_printed_last_with_every_stage_provider_and_target(smoke
         for provider in operation.providers:
             assert f"| {operation.name} | {provider.name} |" in text
     assert "| nearest_code | faiss-gpu | fp32 | - | - | - | - | skipped: FAISS GPU search needs CUDA |" in text
-    assert "| 256 | 8 | triton-exact |" in text  # the sweep
+    assert text.count("| 256 | 8 | triton-exact |") == 2  # the search's sweep and the training step's
+    assert "## quantizer_step over K and D (N = 256)" in text
     assert text.count("| no GPU |") == 8  # every target, and no verdict from a CPU
 
 
@@ -63,7 +64,10 @@ def test_smoke_report_json_holds_each_stages_figures(smoke):
     assert report["correctness"]["counts"]["PASSED"] >= 3 and report["correctness"]["failures"] == []
     timed = [case for case in report["timings"]["cases"] if "median_s" in case]
     assert {case["provider"] for case in timed} >= {"triton-exact", "triton-fast", "torch", "torch-reference"}
-    assert all("error" not in case for case in report["timings"]["cases"] + report["sweep"]["cases"])
+    swept = report["sweep"]["cases"] + report["step_sweep"]["cases"]
+    assert all("error" not in case for case in report["timings"]["cases"] + swept)
+    assert {case["provider"] for case in report["step_sweep"]["cases"] if "median_s" in case} >= {"triton-exact",
+                                                                                                 "torch"}
     training = report["training"]
     assert training["steps"] >= 1 and len(training["per_step"]["perplexity"]) == training["steps"]
     assert training["stopped"] == "stopped by the stage's clock"

@@ -283,11 +283,12 @@ def test_bad_inputs_are_named(device):
     with pytest.raises(ValueError, match="x is on meta; the Triton kernels need a CUDA tensor"):
         kernels.nearest_code(x.to("meta"), codebook.to("meta"))
     with pytest.raises(ValueError, match=r"out\[1\] \(sq_dist\) must be torch.float32 of shape \(10,\)"):
-        kernels.nearest_code(x, codebook, out=(torch.empty(10, dtype=torch.int64), torch.empty(9)))
+        out = (torch.empty(10, dtype=torch.int64, device=device), torch.empty(9, device=device))
+        kernels.nearest_code(x, codebook, out=out)
     prepared = kernels.prepare_codebook(codebook)
     with pytest.raises(ValueError, match="prepared.operand must be a contiguous torch.float16 tensor"):
         kernels.nearest_code(x, prepared._replace(operand=prepared.operand.float()))
     with pytest.raises(ValueError, match="levels= is only filled by precision='exact'"):
-        kernels.nearest_code(x, prepared, "fast", levels=torch.empty(10, dtype=torch.int8))
+        kernels.nearest_code(x, prepared, "fast", levels=torch.empty(10, dtype=torch.int8, device=device))
     with pytest.raises(ValueError, match=r"levels must be torch.int8 of shape \(10,\)"):
-        kernels.nearest_code(x, prepared, levels=torch.empty(10))
+        kernels.nearest_code(x, prepared, levels=torch.empty(10, device=device))

@@ -22,7 +22,7 @@ def results_block(data: dict) -> str:
 
 def figure_sections(data: dict, level: str) -> list[str]:
     return [section(data, level) for section in
-            (target_table, correctness_lines, timing_table, sweep_table, training_table)]
+            (target_table, correctness_lines, timing_table, sweep_table, step_sweep_table, training_table)]
 
 
 def _join(*parts: str) -> str:
@@ -145,13 +145,17 @@ def timing_table(data: dict, level: str) -> str:
             + _table(["operation", "provider", "precision", *CASE_COLUMNS], rows))
 
 
-def sweep_table(data: dict, level: str) -> str:
-    sweep = data.get("sweep")
+def sweep_table(data: dict, level: str, section: str = "sweep", operation: str = "nearest_code") -> str:
+    sweep = data.get(section)
     if not sweep:
         return ""
     rows = [[plan["k"], plan["d"], plan["provider"], *_case_cells(case)] for plan, case in _planned_cases(sweep)]
-    return (f"{level} nearest_code over K and D (N = {sweep['n']})\n\n"
+    return (f"{level} {operation} over K and D (N = {sweep['n']})\n\n"
             + _table(["K", "D", "provider", *CASE_COLUMNS], rows))
+
+
+def step_sweep_table(data: dict, level: str) -> str:
+    return sweep_table(data, level, "step_sweep", "quantizer_step")
 
 
 def training_table(data: dict, level: str) -> str:

@@ -238,25 +238,42 @@ def timings(ctx: Context) -> None:
         record.append(ctx.out, "timings", "cases", measure(ctx, op, provider, shape))
 
 
-# The sweep: the search alone, ours alone (the peers are measured at the seed shape), over large codebooks.
+# The sweeps over large codebooks (the peers are measured at the seed shape): the search alone, ours alone; then
+# the training step, ours beside PyTorch's path and the peer wherever its N x K matrices fit, ours first so that a
+# stage cut short keeps them.
 SWEEP_N, SWEEP_KS, SWEEP_DS = 65536, (4096, 16384, 65536, 262144), (256, 32, 8)
 SMOKE_SWEEP_N, SMOKE_SWEEP_KS, SMOKE_SWEEP_DS = 256, (64, 256), (8,)  # a few seconds a case interpreted
 SWEEP_PROVIDERS = ("triton-fast", "triton-exact")
+STEP_SWEEP_PROVIDERS = ("triton-exact", "vector-quantize-pytorch", "torch")
 
 
 def sweep(ctx: Context) -> None:
-    from bench import harness  # noqa: PLC0415
     from bench.test_bench_nearest_code import NEAREST_CODE  # noqa: PLC0415
+
+    sweep_over_codebooks(ctx, "sweep", NEAREST_CODE, SWEEP_PROVIDERS, shapes_first=True)
+
+
+def step_sweep(ctx: Context) -> None:
+    from bench.test_bench_quantizer import QUANTIZER_STEP  # noqa: PLC0415
+
+    sweep_over_codebooks(ctx, "step_sweep", QUANTIZER_STEP, STEP_SWEEP_PROVIDERS, shapes_first=False)
+
+
+def sweep_over_codebooks(ctx: Context, section: str, operation, provider_names, *, shapes_first: bool) -> None:
+    """operation at every (K, D) of the sweep for the named providers; shapes_first: all providers at a shape
+    before the next shape, else one provider at every shape before the next provider."""
+    from bench import harness  # noqa: PLC0415
 
     adopt_measured_ceilings(ctx)
     n, ks, ds = (SMOKE_SWEEP_N, SMOKE_SWEEP_KS, SMOKE_SWEEP_DS) if ctx.smoke else (SWEEP_N, SWEEP_KS, SWEEP_DS)
-    providers = [p for name in SWEEP_PROVIDERS for p in NEAREST_CODE.providers if p.name == name]
+    providers = [p for name in provider_names for p in operation.providers if p.name == name]
     shapes = [harness.Shape(n, k, d) for d in ds for k in ks]
-    record.update(ctx.out, "sweep", n=n, ks=list(ks), ds=list(ds),
-                  planned=[planned_case(NEAREST_CODE, p, shape) for shape in shapes for p in providers], cases=[])
-    for shape in shapes:
-        for provider in providers:
-            record.append(ctx.out, "sweep", "cases", measure(ctx, NEAREST_CODE, provider, shape))
+    plan = ([(shape, p) for shape in shapes for p in providers] if shapes_first else
+            [(shape, p) for p in providers for shape in shapes])
+    record.update(ctx.out, section, n=n, ks=list(ks), ds=list(ds),
+                  planned=[planned_case(operation, p, shape) for shape, p in plan], cases=[])
+    for shape, provider in plan:
+        record.append(ctx.out, section, "cases", measure(ctx, operation, provider, shape))
 
 
 def planned_case(operation, provider, shape) -> dict:
@@ -308,11 +325,12 @@ def training(ctx: Context) -> None:
 # -- the stages, in order --------------------------------------------------------------------------------------
 
 STAGES = (
-    Stage("environment", environment, limit_s=30, smoke_limit_s=60),
+    Stage("environment", environment, limit_s=20, smoke_limit_s=60),
     Stage("correctness", correctness, limit_s=110, smoke_limit_s=90),
-    Stage("timings", timings, limit_s=130, smoke_limit_s=90),
+    Stage("timings", timings, limit_s=90, smoke_limit_s=90),
     Stage("sweep", sweep, limit_s=60, smoke_limit_s=60),
-    Stage("training", training, limit_s=120, smoke_limit_s=60),
+    Stage("step_sweep", step_sweep, limit_s=80, smoke_limit_s=60),
+    Stage("training", training, limit_s=100, smoke_limit_s=60),
 )
 
 
