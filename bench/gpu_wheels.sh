@@ -23,6 +23,7 @@ wheels=(
     loguru==0.7.3
     torch-einops-utils==0.2.0
     flash-kmeans==0.3.1              # pure Python (Triton kernels): its assignment kernel is a nearest_code peer
+    pytorch-msssim==1.0.0            # SSIM: a dependency of the project, for evaluating a training run there
 )
 platforms=()
 for platform in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \

@@ -46,11 +46,13 @@ def wall_seconds(step, device: str, steps: int) -> list[float]:
     return times
 
 
-def device_busy_seconds(profile, device: str) -> float:
-    """The kernels' own time over the profiled steps (0 on the CPU, where there are none)."""
-    if device != "cuda":
-        return 0.0
-    return sum(event.self_device_time_total for event in profile.key_averages()) / 1e6
+def device_busy_seconds(profile) -> float:
+    """The kernels' and copies' own time over the profiled steps (0 on the CPU, where there are none): the device's
+    events alone, as the profiler's own "Self CUDA time total" counts them (a torch op's row repeats its kernels')."""
+    from torch.autograd import DeviceType  # noqa: PLC0415
+
+    return sum(event.self_device_time_total for event in profile.key_averages()
+               if event.device_type == DeviceType.CUDA and not event.is_user_annotation) / 1e6
 
 
 def profile_ops(step, device: str, steps: int):
@@ -99,7 +101,7 @@ def main(argv=None) -> None:
     walls = wall_seconds(step, args.device, args.steps)
     profiled = max(1, args.steps // 4)
     profile = profile_ops(step, args.device, profiled)
-    wall, busy = statistics.median(walls), device_busy_seconds(profile, args.device) / profiled
+    wall, busy = statistics.median(walls), device_busy_seconds(profile) / profiled
     learning = f", learning={args.learning}" if args.learning else ""
     print(f"# {args.provider}{learning}, N={args.n}, K={args.k}, D={args.d} on {args.device}"
           f" ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), torch {torch.__version__}")

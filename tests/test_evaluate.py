@@ -6,6 +6,7 @@ registries are built against CUDA's libtorch and do not load with the CPU build 
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -43,6 +44,14 @@ def test_ssim_of_an_image_with_itself_is_one_and_falls_with_noise():
     assert scores[0] < 1.0
     with pytest.raises(ValueError, match="at least 11 x 11"):
         ssim(_images(1, 8), _images(1, 8))
+
+
+def test_a_meter_without_pytorch_msssim_fails_when_made_naming_the_package(monkeypatch):
+    # The trainer makes its meter before the first step: a missing dependency stops it there, not at the first
+    # evaluation (found on the GPU machine, whose image lacks pytorch-msssim, 1000 steps into a run).
+    monkeypatch.setitem(sys.modules, "pytorch_msssim", None)
+    with pytest.raises(ModuleNotFoundError, match="pip install pytorch-msssim"):
+        QualityMeter()
 
 
 def test_a_network_metric_without_weights_is_unavailable_naming_the_file_and_the_rest_still_run(tmp_path):

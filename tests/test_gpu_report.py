@@ -117,3 +117,10 @@ def test_summarize_writes_a_gpu_run_into_results_once_and_refuses_a_smoke_run(sm
     with pytest.raises(SystemExit, match="not a GPU run"):
         summarize.main(["--gpu-report", str(out / "report.json"), "--results", str(results_copy)])
     assert results_copy.read_text() == results
+
+
+def test_a_partial_run_still_runs_the_environment_stage_first():
+    assert [s.name for s in run.selected_stages("training,sweep")] == ["environment", "sweep", "training"]
+    assert [s.name for s in run.selected_stages("")] == [s.name for s in STAGES]
+    with pytest.raises(ValueError, match="unknown stage 'swept'"):
+        run.selected_stages("swept")

@@ -41,6 +41,15 @@ WEIGHT_FILES = {
 FID_FEATURES = 2048
 
 
+def require_ssim() -> None:
+    """Fail when the meter is made (before training starts), not at the first evaluation a thousand steps in."""
+    try:
+        import pytorch_msssim  # noqa: F401, PLC0415
+    except ImportError as error:
+        raise ModuleNotFoundError("SSIM, which every evaluation reports, needs pytorch-msssim, a dependency of this "
+                                  "project: pip install pytorch-msssim (or pip install -e .)") from error
+
+
 def ssim(recons: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
     """Each image's SSIM, [B], on [0, 1] pixels (reconstructions clamped to the image range first)."""
     from pytorch_msssim import ssim as ms_ssim  # noqa: PLC0415
@@ -114,6 +123,7 @@ class QualityMeter:
         unknown = set(metrics) - set(NETWORK_METRICS)
         if unknown:
             raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {NETWORK_METRICS}")
+        require_ssim()
         weights = weights or {}
         self.networks, self.unavailable = {}, {}
         for metric in metrics:

@@ -3,7 +3,8 @@ how each ended, and write and print report.md.
 
     python -m bench.gpu_report --out DIR                   # on the GPU machine: every stage, within 8 minutes
     python -m bench.gpu_report --out DIR --smoke           # on a CPU: the same at toy sizes, in under 2 minutes
-    python -m bench.gpu_report --out DIR --stages timings  # again, some stages only, into the same report
+    python -m bench.gpu_report --out DIR --stages timings  # again, some stages only (and the environment's),
+                                                           # into the same report
 """
 
 import argparse
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         return run_stage_body(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    selected = [stage(name) for name in args.stages.split(",")] if args.stages else list(STAGES)
+    selected = selected_stages(args.stages)
     start_report(out, args, command="python -m bench.gpu_report " + " ".join(argv), keep_others=bool(args.stages))
     site = install_wheels(Path(args.wheels), out)
     runs = [StageRun(s.name, stage_command(s.name, out, args.smoke, s.limit(args.smoke)), s.limit(args.smoke))
@@ -52,6 +53,15 @@ def main(argv=None) -> int:
     (out / "report.md").write_text(text)
     print(text)
     return 0 if all(result["status"] == "ok" for result in results.values()) else 1
+
+
+def selected_stages(names: str) -> list:
+    """The stages named (all by default), the environment always among them and first: the report's verdicts and
+    versions describe the machine this run measured on, not one an earlier run in the same folder found."""
+    if not names:
+        return list(STAGES)
+    named = {stage(name).name for name in names.split(",")}
+    return [s for s in STAGES if s.name in named or s.name == "environment"]
 
 
 def parse_args(argv):
