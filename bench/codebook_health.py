@@ -88,6 +88,7 @@ VARIANTS = {
     "ours-warmup10": _ours(ema_warmup_steps=10),
     "ours-threshold1": _ours(dead_code_threshold=1.0),
     "ours+error-draws": _ours(restart_draws="error"),
+    "ours+dead-memory10": _ours(dead_code_memory=10),
     "ours+kmeans": _ours(init="kmeans++"),
     "ours+cosine": _ours(affine_reparam=False, cosine=True),
     "ours+codebook_dim32": _ours(codebook_dim=32),

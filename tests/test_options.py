@@ -20,7 +20,7 @@ CHANGED = {
     "num_codes": 32, "decay": 0.9, "eps": 1e-4, "commitment_weight": 0.5, "backend": "torch", "precision": "fast",
     "deterministic": True, "init": "kmeans++", "kmeans_iters": 3, "ema_warmup": False, "ema_warmup_steps": 50,
     "memory_rows": 8, "fit_weight_steps": 4, "affine_reparam": False, "dead_code_threshold": 0.5,
-    "restart_count": 2.0, "restart_draws": "uniform", "codebook_dim": 8, "cosine": True, "learning": "simvq",
+    "dead_code_memory": 10,    "restart_count": 2.0, "restart_draws": "uniform", "codebook_dim": 8, "cosine": True, "learning": "simvq",
     "codebook_weight": 0.5, "rotation_trick": True,
     "num_quantizers": 2, "shared_codebook": True, "layer_dropout": True, "min_layers": 2,
 }

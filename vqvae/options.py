@@ -66,6 +66,9 @@ class QuantizerOptions:
                                                "None = on unless cosine")
     dead_code_threshold: float = option(1.0, "rule Restarts: EMA rows per step under which a code is re-seeded; "
                                              "0 = off", low=0.0)
+    dead_code_memory: int = option(0, "rule DeadMemory: deadness is read on an EMA count that remembers at least "
+                                      "this many steps, whatever the warm-up's decay; 0 = off (read cluster_size)",
+                                   low=0)
     restart_count: float | None = option(None, "rule Restarts: EMA count of a re-seeded code; None = its share "
                                                "of a step's rows", low=0.0, open_low=True)
     restart_draws: str = option("usage", "rule Restarts: which batch rows seed dead codes: in proportion to "

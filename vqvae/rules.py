@@ -17,7 +17,7 @@ order of its rule list, at fixed points of its two procedures (`initialise_` and
     upgrade_state(state, prefix, book)   fill the rule's state into a state dict saved without it
 
 `rules_from_options` turns the options into the list; its order matters where a rule reads what another wrote
-(FitWeight weighs LloydFit's counts; Restarts reads FitWeight's recent count). An empty list is the plain EMA
+(FitWeight weighs LloydFit's counts; Restarts reads DeadMemory's count, else FitWeight's recent count). An empty list is the plain EMA
 quantizer of Sonnet's VectorQuantizerEMA (`vqvae.options.LEGACY`).
 """
 
@@ -124,6 +124,45 @@ class LloydFit(Rule):
                 picks = draw_in_proportion(counts[indices], book.num_codes)
                 book.codebook.copy_(torch.where(relocate[:, None], rows[picks], book.codebook))
         return counts
+
+
+class DeadMemory(Rule):
+    """Deadness is read on `dead_count`, an EMA of each code's rows per step whose memory is at least `steps` steps
+    (decay max(step's decay, 1 - 1 / steps)), whatever the warm-up's decay does to the codebook's own counts.
+
+    Why: during the warm-up the codebook's counts forget within a step or two (decay 0.24 at step 60), so a code
+    is declared dead by one poor batch. On images with large flat areas, where most rows are copies of a few
+    vectors, most codes receive 1-3 rows a step, under the threshold however they are placed: re-seeded with a
+    count of 16, such a code was dead again two steps later, and 64% of the codes were moved at every step
+    (bench/RESULTS.md, "Dead-code churn"). With a memory of `steps` steps a code fed r rows a step lives about
+    steps * ln((seed - r) / (threshold - r)) steps before it is moved again; one fed none, steps * ln(seed /
+    threshold). Starts from the first fit's own counts, as FitWeight's `recent_count` does."""
+
+    name = "dead-memory"
+    off = {"dead_code_memory": 0}
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def buffers(self, num_codes, dim):
+        return {"dead_count": torch.zeros(num_codes)}
+
+    def initialise_(self, book, rows, seed):
+        book.dead_count.copy_(book.cluster_size)  # before FitWeight weighs cluster_size: this rule runs first
+
+    def after_blend_(self, book, counts, decay):
+        decay = torch.clamp(decay, min=1.0 - 1.0 / self.steps)
+        remembered = book.dead_count
+        remembered.copy_(torch.where(counts.sum() > 0, decay * remembered + (1.0 - decay) * counts, remembered))
+
+    def activity(self, book):
+        return book.dead_count
+
+    def upgrade_state(self, state, prefix, book):
+        # A state saved without it (an older checkpoint, other options): the count deadness was read on then.
+        if prefix + "cluster_size" in state and prefix + "dead_count" not in state:
+            recent = state.get(prefix + "recent_count", state[prefix + "cluster_size"])
+            state[prefix + "dead_count"] = recent.clone()
 
 
 class FitWeight(Rule):
@@ -275,6 +314,8 @@ def rules_from_options(options: QuantizerOptions) -> list[Rule]:
         rules.append(WarmupDecay(options.ema_warmup_steps, options.memory_rows))
     if options.kmeans_iters > 0:
         rules.append(LloydFit(options.kmeans_iters))
+    if options.dead_code_memory > 0 and options.dead_code_threshold > 0:  # before FitWeight: read first
+        rules.append(DeadMemory(options.dead_code_memory))
     if options.fit_weight_steps > 1 and options.learning == "ema":  # learned codes do not average the fit
         rules.append(FitWeight(options.fit_weight_steps))
     if options.affine_reparam:
@@ -289,6 +330,7 @@ ABLATIONS = {rule.name: rule.off for rule in (WarmupDecay, LloydFit, FitWeight, 
 ABLATIONS["proportional"] = {"restart_draws": "uniform"}
 ABLATIONS["memory-floor"] = {"memory_rows": 0}
 
-# Every buffer a rule may keep (the default options switch every rule on): a state saved by a codebook with a rule
-# that this one does not run drops them.
-RULE_BUFFERS = {name for rule in rules_from_options(QuantizerOptions()) for name in rule.buffers(1, 1)}
+# Every buffer a rule may keep (the default options switch on every rule but DeadMemory): a state saved by a
+# codebook with a rule that this one does not run drops them.
+RULE_BUFFERS = {name for rule in rules_from_options(QuantizerOptions(dead_code_memory=1))
+                for name in rule.buffers(1, 1)}
