@@ -393,6 +393,36 @@ def test_at_a_small_batch_the_first_fit_holds_its_place_and_unused_codes_die_as_
     assert dead == [0, 0, num_codes // 2], dead
 
 
+def test_dead_memory_keeps_codes_fed_a_few_rows_a_step_through_the_warmup_and_still_moves_unused_ones(device):
+    """Threshold 4 rows a step; after the fit (16 rows a code), 8 codes get 2 rows a step (as codes on flat image
+    areas do), 16 get 16, and 8 get none; the first step at which each group is found dead is read. Without the rule the count deadness reads follows the warm-up's
+    decay (floored at 0.47 here): the codes fed 2 rows are dead at step 3. With a memory of 10 steps (decay 0.9)
+    they live until 2 + 14 * 0.9^t < 4, step 19, and unused codes are still found, at step 14 (16 * 0.9^t < 4)."""
+    num_codes, dim = 32, 4
+    centres = _clusters(num_codes, dim, 50.0, device)
+    few, unused = torch.arange(8, device=device), torch.arange(24, 32, device=device)
+    first_dead = {}
+    for memory in (0, 10):
+        quantizer = VectorQuantizerEMA(num_codes, dim, backend="torch", init="kmeans++", affine_reparam=False,
+                                       dead_code_threshold=4.0, dead_code_memory=memory).to(device)
+        quantizer.book.initialise_(_around(centres, 16, 0.1, device))
+        codes = quantizer.codebook.clone()
+        batch = torch.cat([codes[:8].repeat_interleave(2, dim=0), codes[8:24].repeat_interleave(16, dim=0)])
+        found, reseed = [], quantizer.book.restarts.reseed_
+        quantizer.book.restarts.reseed_ = lambda book, dead, *rest: (found.append(dead.clone()),
+                                                                     reseed(book, dead, *rest))
+        steps = {"few": None, "unused": None}
+        for step in range(1, 25):
+            quantizer(batch)
+            dead = found[-1]  # the codes found dead by this step, before their re-seeding
+            for name, group in (("few", few), ("unused", unused)):
+                if steps[name] is None and dead[group].all():
+                    steps[name] = step
+        first_dead[memory] = steps
+    assert first_dead[0] == {"few": 3, "unused": 2}, first_dead
+    assert first_dead[10] == {"few": 19, "unused": 14}, first_dead
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_health_options_survive_a_stream_that_collapses_the_legacy_quantizer(backend, device):
     perplexities = {}

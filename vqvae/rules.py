@@ -13,12 +13,13 @@ order of its rule list, at fixed points of its two procedures (`initialise_` and
     before_search_(book, rows, usable)   before each training batch is searched
     decay(book, decay, rows_in_step)     the decay of this EMA step
     after_blend_(book, counts, decay)    after the EMA step blended a batch in
-    activity(book)                       the count that deadness is read against (default: cluster_size)
+    activity(book)                       the count that deadness is read against (default: cluster_size; the
+                                         first rule in the list that keeps one)
     upgrade_state(state, prefix, book)   fill the rule's state into a state dict saved without it
 
 `rules_from_options` turns the options into the list; its order matters where a rule reads what another wrote
-(FitWeight weighs LloydFit's counts; Restarts reads DeadMemory's count, else FitWeight's recent count). An empty list is the plain EMA
-quantizer of Sonnet's VectorQuantizerEMA (`vqvae.options.LEGACY`).
+(FitWeight weighs LloydFit's counts; Restarts reads DeadMemory's count, else FitWeight's recent count). An empty
+list is the plain EMA quantizer of Sonnet's VectorQuantizerEMA (`vqvae.options.LEGACY`).
 """
 
 from __future__ import annotations
