@@ -89,6 +89,7 @@ VARIANTS = {
     "ours-threshold1": _ours(dead_code_threshold=1.0),
     "ours+error-draws": _ours(restart_draws="error"),
     "ours+dead-memory10": _ours(dead_code_memory=10),
+    "ours+dead-memory30": _ours(dead_code_memory=30),
     "ours+kmeans": _ours(init="kmeans++"),
     "ours+cosine": _ours(affine_reparam=False, cosine=True),
     "ours+codebook_dim32": _ours(codebook_dim=32),
