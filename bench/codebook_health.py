@@ -40,6 +40,7 @@ import csv
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __name__ == "__main__" and "TRITON_INTERPRET" not in os.environ:
@@ -80,6 +81,18 @@ def _vqp(**settings):
     return build
 
 
+def _vqp_as_configured() -> Callable[[Config], nn.Module]:
+    """The package's EMA `VectorQuantize` at the config's quantizer settings: its codes' width and l2 normalisation,
+    decay, commitment weight and dead-code threshold, seeded by k-means on the first batch, with the
+    straight-through estimator (its rotation trick off, as ours is by default)."""
+    def build(cfg: Config) -> nn.Module:
+        q = cfg.quantizer
+        return PeerQuantizer(cfg.model.embedding_dim, q.num_codes, codebook_dim=q.codebook_dim,
+                             use_cosine_sim=q.cosine, decay=q.decay, commitment_weight=q.commitment_weight,
+                             threshold_ema_dead_code=q.dead_code_threshold, kmeans_init=True, rotation_trick=False)
+    return build
+
+
 VARIANTS = {
     "ours": _ours(),
     "legacy": _ours(**LEGACY),  # no rule at all (vqvae.options.LEGACY)
@@ -98,6 +111,7 @@ VARIANTS = {
     "legacy+affine": _ours(**{**LEGACY, "affine_reparam": True}),
     "vqp-recommended": _vqp(kmeans_init=True, threshold_ema_dead_code=2, decay=0.99, commitment_weight=0.25),
     "vqp-plain": _vqp(decay=0.99, commitment_weight=0.25),
+    "vqp-as-configured": _vqp_as_configured(),
     # codes learned by gradient (vqvae.learning), with the straight-through estimator or the rotation trick
     **{f"ours{learning}{rotation}": _ours(**({"learning": learning[1:], "affine_reparam": None} if learning else {}),
                                           rotation_trick=bool(rotation))
