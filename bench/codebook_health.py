@@ -21,7 +21,9 @@ Variants: `ours` is `VectorQuantizer` as the config builds it (the shipped defau
 codebook rule off (an empty rule list, `vqvae.options.LEGACY`); `ours-no-<rule>` switches one rule of
 `vqvae.rules` off (`ABLATIONS`: warmup, memory-floor, lloyd, fit-weight, frame, restarts, proportional); `vqp-*` swap
 vector-quantize-pytorch's `VectorQuantize` into the same model, with its recommended EMA settings
-(`kmeans_init=True, threshold_ema_dead_code=2`, decay 0.99, commitment 0.25) or its plain defaults. That package is
+(`kmeans_init=True, threshold_ema_dead_code=2`, decay 0.99, commitment 0.25), its plain defaults, or at the config's
+own quantizer settings (`vqp-as-configured`: codes' width, cosine, decay, threshold; for the large codebooks, where
+a threshold of 2 rows would declare every code dead). That package is
 several times slower on the CPU, so compare the peers at a small batch (16) and say which. Codes learned by gradient:
 `ours-gradient`, `ours-simvq` (`vqvae.learning`), each also `+rotation` (the rotation trick; `ours+rotation`: EMA
 codes with it), against `vqp-learned` (`VectorQuantize(learnable_codebook=True, ema_update=False)`) and
