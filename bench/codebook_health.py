@@ -105,6 +105,7 @@ VARIANTS = {
     "ours+error-draws": _ours(restart_draws="error"),
     "ours+dead-memory10": _ours(dead_code_memory=10),
     "ours+dead-memory30": _ours(dead_code_memory=30),
+    "ours+dead-memory30+error-draws": _ours(dead_code_memory=30, restart_draws="error"),
     "ours+kmeans": _ours(init="kmeans++"),
     "ours+cosine": _ours(affine_reparam=False, cosine=True),
     "ours+codebook_dim32": _ours(codebook_dim=32),
