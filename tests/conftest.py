@@ -31,6 +31,15 @@ def pytest_configure(config):
                     'pip install -e ".[test,triton36]"', returncode=4)
 
 
+TEST_TIMEOUT_S = 600  # ten times the slowest test: a hang (e.g. a stuck gloo rank) fails one test, not the run
+
+
+def pytest_collection_modifyitems(items):
+    """Benchmarks (bench/) may run longer; only the tests get the limit."""
+    for item in items:
+        item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE

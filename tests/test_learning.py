@@ -2,6 +2,8 @@
 trick: gradients against plain PyTorch, the rotation against its formula, SimVQ against vector-quantize-pytorch's,
 restarts carried into the parameters, torch.compile, and two processes keeping one codebook."""
 
+import faulthandler
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -198,6 +200,7 @@ def test_learned_codebooks_compile_without_graph_breaks(learning):
 
 
 def _distributed_worker(rank, learning, init_file, out_dir):
+    faulthandler.dump_traceback_later(300, exit=True)  # a hung rank fails the test instead of the CI run
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         torch.manual_seed(100 + rank)  # different batches and different random picks on each rank
@@ -213,6 +216,9 @@ def _distributed_worker(rank, learning, init_file, out_dir):
             optimizer.zero_grad()
             dead += int(out.dead_codes)
         torch.save({"state": quantizer.state_dict(), "dead": dead}, f"{out_dir}/rank{rank}.pt")
+        # DDP's reducer must go while the group lives: freed after destroy_process_group it can hang a rank's exit.
+        dist.barrier()
+        del model, out
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,7 @@
 """The quantizer beyond one plain batch: masks, gradient accumulation, several processes, torch.compile."""
 
+import faulthandler
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -95,6 +97,7 @@ def test_accumulate_blocks_do_not_nest():
 # -- several processes (gloo on the CPU) ---------------------------------------------------------------------
 
 def _distributed_worker(rank, init_file, out_dir):
+    faulthandler.dump_traceback_later(300, exit=True)  # a hung rank fails the test instead of the CI run
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         # Re-seeding on: the restarts must agree across ranks too.

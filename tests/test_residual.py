@@ -2,6 +2,8 @@
 quantizer dropout, codes at any depth, masks, accumulation, several processes, non-finite input and bad
 arguments."""
 
+import faulthandler
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -253,6 +255,7 @@ def _rank_batch(step, rank, rows=30):
 
 
 def _distributed_worker(rank, init_file, out_dir):
+    faulthandler.dump_traceback_later(300, exit=True)  # a hung rank fails the test instead of the CI run
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         start = torch.load(f"{out_dir}/start.pt")
