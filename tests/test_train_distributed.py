@@ -1,11 +1,13 @@
 """Data-parallel training: two processes under torchrun on the CPU (gloo, rendezvous on 127.0.0.1) train, only
 rank 0 writes, the checkpoint loads, and a resumed run repeats an uninterrupted one exactly. Plus the pieces that
-need no processes: the sampler's shares of a global batch, and an evaluation that makes no collective call."""
+need no processes: the sampler's shares of a global batch, an evaluation that makes no collective call, and a failed
+run that frees its model before the process group goes."""
 
 import os
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,11 @@ import torch
 import yaml
 
 import vqvae.sync as sync_module
+import vqvae.train as train_module
 from vqvae.checkpoint import load_checkpoint
-from vqvae.config import Config
+from vqvae.config import Config, config_from_dict
 from vqvae.data import DataError, ResumableBatchSampler, make_datasets, make_loader
+from vqvae.distributed import Processes
 from vqvae.model import build_model
 from vqvae.train import evaluate, load_model
 
@@ -155,3 +159,26 @@ def test_evaluation_makes_no_collective_call(monkeypatch):
     assert metrics["psnr"] > 0 and model.training
     with pytest.raises(AssertionError, match="collective"):  # the patch bites: a training forward does call them
         model(torch.randn(2, 3, 16, 16))
+
+
+def test_a_failed_run_frees_its_model_before_destroying_the_group(monkeypatch):
+    """When training raises, the traceback would keep fit's frame, and the DDP wrapper in it, alive while the
+    process group is destroyed (a rank can then hang on its way out): train clears those frames first."""
+    class Wrapper:  # stands in for DistributedDataParallel: what must be gone when the group is destroyed
+        pass
+
+    alive_at_stop = []
+
+    def failing_fit(cfg, device, procs):
+        model = Wrapper()
+        failing_fit.ref = weakref.ref(model)
+        raise FloatingPointError("non-finite loss at step 3")
+
+    monkeypatch.setattr(train_module, "start_processes",
+                        lambda device: (Processes(rank=0, world_size=2, owns_group=True), device))
+    monkeypatch.setattr(train_module, "fit", failing_fit)
+    monkeypatch.setattr(train_module, "stop_processes",
+                        lambda procs: alive_at_stop.append(failing_fit.ref() is not None))
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
+        train_module.train(config_from_dict(TINY, "TINY"))
+    assert alive_at_stop == [False]

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -215,6 +217,15 @@ def train(cfg: Config) -> dict:
     procs, device = start_processes(pick_device(cfg.train.device))
     try:
         return fit(cfg, device, procs)
+    except BaseException as error:
+        if procs.owns_group:
+            # The traceback holds fit's frame, and through it the DDP wrapper: its reducer must be gone before the
+            # group is destroyed, or a rank can hang on its way out (seen with gloo). The message and stack stay.
+            while error is not None:
+                traceback.clear_frames(error.__traceback__)
+                error = error.__cause__ or error.__context__
+            gc.collect()
+        raise
     finally:
         stop_processes(procs)
 
