@@ -72,16 +72,17 @@ def recording(launches: list, case: str):
         launches.append(Launch(self, args, kwargs, case))
 
     saved = (triton.runtime.JITFunction.run, triton.runtime.Autotuner.run, kernels._common.INTERPRET,
-             kernels.nearest_exact._fallback_programs)
+             kernels.nearest_pass.multiprocessors, kernels.nearest_exact.multiprocessors)
     triton.runtime.JITFunction.run = record
     triton.runtime.Autotuner.run = record
     kernels._common.INTERPRET = True  # check_device: CPU tensors stand in for CUDA ones
-    kernels.nearest_exact._fallback_programs = lambda device: 132  # an H100's SMs (the grid does not change the code)
+    # an H100's SMs: they size the fallback's grid and decide whether a search splits its codes (SPLIT)
+    kernels.nearest_pass.multiprocessors = kernels.nearest_exact.multiprocessors = lambda device: H100["sms"]
     try:
         yield
     finally:
         (triton.runtime.JITFunction.run, triton.runtime.Autotuner.run, kernels._common.INTERPRET,
-         kernels.nearest_exact._fallback_programs) = saved
+         kernels.nearest_pass.multiprocessors, kernels.nearest_exact.multiprocessors) = saved
 
 
 def search_calls(shapes) -> list:
@@ -304,7 +305,9 @@ H100 = {"sms": 132, "clock": 1.83e9, "fp16_flops_per_clk": 4096, "tf32_flops_per
 
 def predict_search(fig: Figures, meta: dict, options: dict, n: int, k: int, d: int, x_bytes: int,
                    shared_limit: int) -> dict:
-    """Predicted seconds of one search kernel at (n, k, d) on an H100, from its compiled figures.
+    """Predicted seconds of one search kernel at (n, k, d) on an H100, from its compiled figures. Where the search
+    splits its codes over programs (few rows: `kernels.nearest_pass.search_splits`), each block of rows is that many
+    CTAs, each sweeping its share of the tiles; the merge kernel after it (a few loads a row and split) is left out.
 
     Per code tile and CTA: the tensor cores need (MMA flops of the loop x warpgroups) / (flops per clock per SM);
     the four schedulers issue the loop's instructions for every warp, one per clock each; the tile's codes come
@@ -326,15 +329,16 @@ def predict_search(fig: Figures, meta: dict, options: dict, n: int, k: int, d: i
     tile = max(mma, (mma + issue) / per_cta) if serial else gap + max(mma, issue - gap)
     l2 = block_k * d * 2 / (hw["l2_bytes_per_s"] / hw["sms"] / hw["clock"])
     tile = max(tile, l2 * per_cta) / per_cta if per_cta > 1 else max(tile, l2)
-    tiles = triton.cdiv(k, block_k)
+    splits, split_codes = kernels.nearest_pass.search_splits(n, k, hw["sms"])
+    tiles = triton.cdiv(min(k, split_codes), block_k)
     cta = tiles * tile + fig.outside * warps / hw["issue_per_clk"]
-    ctas = triton.cdiv(n, block_n)
+    ctas = triton.cdiv(n, block_n) * splits
     waves = triton.cdiv(ctas, hw["sms"] * per_cta)
     seconds = max(waves * cta * per_cta / hw["clock"] if per_cta > 1 else waves * cta / hw["clock"],
                   n * d * x_bytes / hw["dram_bytes_per_s"])
     return {"seconds": seconds, "mma_cycles": mma, "issue_cycles": issue, "gap_cycles": gap, "l2_cycles": l2,
             "serial": serial,
-            "ctas_per_sm": per_cta, "waves": waves}
+            "ctas_per_sm": per_cta, "waves": waves, "splits": splits}
 
 
 # -- main ---------------------------------------------------------------------------------------------------------
@@ -378,7 +382,7 @@ def compile_all(arch: int, model: bool = False, only: str = "", shapes=()) -> li
                 print(f"     model: {p['seconds'] * 1e6:.0f} us (per tile: MMA {p['mma_cycles']:.0f}, issue "
                       f"{p['issue_cycles']:.0f} ({p['gap_cycles']:.0f} before the MMA), L2 {p['l2_cycles']:.0f} "
                       f"cycles; {'serial' if p['serial'] else 'MMA in flight'}"
-                      f"; {p['ctas_per_sm']} CTA/SM, {p['waves']} waves)")
+                      f"; {p['splits']} split{'s' * (p['splits'] > 1)}, {p['ctas_per_sm']} CTA/SM, {p['waves']} waves)")
         if not fitting:
             failures.append(f"{launch.case}: {launch.fn.__name__}: no configuration fits sm_{arch}'s {limit} B")
             print(f"FAIL {launch.case}: {launch.fn.__name__}: no configuration fits in {limit} B of shared memory")

@@ -70,6 +70,17 @@ def check_output(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dty
         raise ValueError(f"{name} must be contiguous and on {device} (it is on {tensor.device})")
 
 
+# Under the interpreter, grids sized by the device's SMs get this many programs: enough to exercise several.
+INTERPRETED_SMS = 4
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (a pretend INTERPRETED_SMS under the interpreter)."""
+    if INTERPRET:
+        return INTERPRETED_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def shared_memory_limit() -> int:
     """Shared memory one block may use on the current device (opt-in maximum); unbounded under the interpreter."""
     if INTERPRET or not torch.cuda.is_available():

@@ -14,6 +14,11 @@ made to keep an MMA in flight across turns). `fast` keeps each row's smallest sc
 more, to certify or rescore. The reported squared distance is always that of the chosen code, computed directly as
 sum((x - c)^2) in fp32 from the inputs as given, which has no cancellation (`direct_sqdist`).
 
+Few rows, many codes: a block of rows is one program, so 1,024 rows are 8 programs, and on a GPU of 132 SMs the
+sweep of a large codebook would keep 124 of them idle. Then each block of rows is swept by several programs
+(`search_splits`), each over one contiguous range of the codes; they write their rows' partial results, and a
+merge kernel combines them in code order (`_fast_merge_kernel`; `exact` mode's in `kernels.nearest_exact`).
+
 fast: the code with the smallest fp16 score. Rounding the operands (relative error 2**-11 each) moves each score by
 up to about 2**-9 |x - m| |c_k - m|, so the chosen code's squared distance can exceed the nearest's by twice that.
 Ties between computed scores go to the lower index (within a tile by an explicit minimum over indices, across
@@ -26,10 +31,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune_configs, load_tile, shared_memory_limit
-from .prepare_codebook import OPERAND_DTYPE, OPERAND_TOP, PreparedCodebook, feature_tile, pow2_below
+from ._common import INTERPRET, autotune_configs, load_tile, multiprocessors, shared_memory_limit
+from .prepare_codebook import MAX_BLOCK_K, OPERAND_DTYPE, OPERAND_TOP, PreparedCodebook, feature_tile, pow2_below
 
 SLICE_D = tl.constexpr(32)  # features per step of the per-row passes: narrow, to keep their registers few
+# Splitting the codes over programs (search_splits): rows per program assumed when counting programs (the GPU
+# configurations take 128 or 256), and the fewest codes a split sweeps, so that its prologue (the rows' norms and
+# staging, a few tiles' worth) and the merge stay small beside its sweep.
+SPLIT_ROWS = 128
+MIN_SPLIT_CODES = 2048
+
+
+def search_splits(n: int, k: int, sms: int) -> tuple[int, int]:
+    """(splits, codes per split): how many programs sweep each block of rows, each over its own range of codes, so
+    that the programs fill the SMs once where the row blocks alone would not. The ranges are whole tiles of the
+    widest code tile, of MIN_SPLIT_CODES codes or more (the last may be shorter), and every one holds codes."""
+    tiles = triton.cdiv(k, MAX_BLOCK_K)
+    wanted = max(1, min(sms // triton.cdiv(n, SPLIT_ROWS), k // MIN_SPLIT_CODES))
+    per_split = triton.cdiv(tiles, wanted)
+    return triton.cdiv(tiles, per_split), per_split * MAX_BLOCK_K
 
 
 def search_configs():
@@ -120,11 +140,24 @@ def program_rows(x_ptr, center_ptr, stats_ptr, stage_ptr, N, D, stride_xn, strid
 
 
 @triton.jit
-def sweep_turn(dots, x_op, stage_ptr, operand_ptr, sqnorm_ptr, rows, factor, k0, stride_sn, stride_ok,
+def code_range(K, split_codes, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    """The codes this program sweeps, [lo, hi): all of them, or with SPLIT its split's (program_id(1)) range of
+    split_codes, a multiple of every BLOCK_K. Both ends are tile boundaries; hi is past K only by padding."""
+    lo = 0
+    hi = tl.cdiv(K, BLOCK_K) * BLOCK_K
+    if SPLIT:
+        lo = tl.program_id(1) * split_codes
+        hi = tl.minimum(lo + split_codes, hi)
+    return lo, hi
+
+
+@triton.jit
+def sweep_turn(dots, x_op, stage_ptr, operand_ptr, sqnorm_ptr, rows, factor, k0, lo, stride_sn, stride_ok,
                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D_TILE: tl.constexpr, UPCAST: tl.constexpr):
-    """Turn k0 of the skewed sweep: the scores of tile k0 - BLOCK_K (from `dots`, the previous turn's MMA) and the
-    MMA of tile k0. The sweep runs one turn past the last tile; that turn's MMA is of the spare padding tile."""
-    scores = _previous_scores(dots, sqnorm_ptr, factor, k0, BLOCK_K, ONE_D_TILE and not UPCAST)
+    """Turn k0 of the skewed sweep that starts at code lo: the scores of tile k0 - BLOCK_K (from `dots`, the
+    previous turn's MMA) and the MMA of tile k0. The sweep runs one turn past its last tile; that turn's MMA is of
+    the next tile (the spare padding tile at the end of the codebook), and its result is not read."""
+    scores = _previous_scores(dots, sqnorm_ptr, factor, k0, lo, BLOCK_K, ONE_D_TILE and not UPCAST)
     dots = tile_dots(x_op, stage_ptr, operand_ptr, rows, k0, stride_sn, stride_ok, BLOCK_K, BLOCK_D, ONE_D_TILE,
                      UPCAST)
     return scores, dots
@@ -203,11 +236,12 @@ def _pinned(v):
 
 
 @triton.jit
-def _previous_scores(dots, sqnorm_ptr, factor, k0, BLOCK_K: tl.constexpr, PIN: tl.constexpr):
+def _previous_scores(dots, sqnorm_ptr, factor, k0, lo, BLOCK_K: tl.constexpr, PIN: tl.constexpr):
     """Scores of codes k0 - BLOCK_K .. k0, the previous turn's tile: |c - m|^2 - 2 (x - m).(c - m), with both
-    power-of-two scales taken back out exactly by `factor`. Padding codes (and the first turn's) score +inf."""
+    power-of-two scales taken back out exactly by `factor`. Padding codes (and the first turn's, below lo) score
+    +inf."""
     codes = k0 - BLOCK_K + tl.arange(0, BLOCK_K)
-    sqnorm = tl.load(sqnorm_ptr + codes, mask=codes >= 0, other=float("inf"))
+    sqnorm = tl.load(sqnorm_ptr + codes, mask=codes >= lo, other=float("inf"))
     scores = sqnorm[None, :] + factor[:, None] * dots
     if PIN:
         scores = _pinned(scores)
@@ -221,7 +255,7 @@ def tile_min(scores, BLOCK_K: tl.constexpr):
     return low, tl.min(tl.where(scores == low[:, None], tl.arange(0, BLOCK_K)[None, :], BLOCK_K), axis=1)
 
 
-@triton.autotune(configs=search_configs(), key=["K", "D", "BLOCK_D"],
+@triton.autotune(configs=search_configs(), key=["K", "D", "BLOCK_D", "SPLIT"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _fast_kernel(
@@ -230,26 +264,30 @@ def _fast_kernel(
     center_ptr, operand_ptr, sqnorm_ptr, stats_ptr,  # the prepared codebook
     stage_ptr,  # scratch for the rows' operand [N rounded up to 256, padded_features(D)], fp16
     index_ptr, sqdist_ptr,  # outputs [N]
+    part_score_ptr, part_index_ptr,  # with SPLIT, each split's best score and code instead [splits, N]
     # sizes
     N, K, D,
     # strides
     stride_xn, stride_xd, stride_ck, stride_cd,
     stride_sn, stride_ok,  # rows of the staging buffer and of the prepared operand: padded_features(D)
+    split_codes,  # codes per split (search_splits)
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ONE_D_TILE: tl.constexpr,  # D <= BLOCK_D: the rows' operand stays on chip, and each tile's MMA runs while
     # the previous tile's minimum is taken
     UPCAST: tl.constexpr,  # the interpreter: multiply in fp32, no PTX
+    SPLIT: tl.constexpr,  # several programs share each block of rows (program_id(1): which range of codes)
 ):
     rows, _, finite, factor, _, x_op, sink_a, sink_b = program_rows(
         x_ptr, center_ptr, stats_ptr, stage_ptr, N, D, stride_xn, stride_xd, stride_sn, BLOCK_N, BLOCK_D, ONE_D_TILE)
     best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
     best_index = tl.zeros((BLOCK_N,), dtype=tl.int32)
     dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K) * BLOCK_K + BLOCK_K, BLOCK_K):
+    lo, hi = code_range(K, split_codes, BLOCK_K, SPLIT)
+    for k0 in range(lo, hi + BLOCK_K, BLOCK_K):
         if ONE_D_TILE:
             best += drain(sink_a, sink_b)
-        scores, dots = sweep_turn(dots, x_op, stage_ptr, operand_ptr, sqnorm_ptr, rows, factor, k0, stride_sn,
+        scores, dots = sweep_turn(dots, x_op, stage_ptr, operand_ptr, sqnorm_ptr, rows, factor, k0, lo, stride_sn,
                                   stride_ok, BLOCK_K, BLOCK_D, ONE_D_TILE, UPCAST)
         low, col = tile_min(scores, BLOCK_K)
         better = low < best  # ties go to the earlier tile
@@ -257,25 +295,71 @@ def _fast_kernel(
         best_index = tl.where(better, k0 - BLOCK_K + col, best_index)
 
     row_mask = rows < N
-    sqdist = direct_sqdist(x_ptr, code_ptr, rows, best_index, row_mask, D, stride_xn, stride_xd, stride_ck, stride_cd)
-    tl.store(index_ptr + rows, tl.where(finite, best_index, -1).to(tl.int64), mask=row_mask)
+    if SPLIT:
+        part = tl.program_id(1).to(tl.int64) * N + rows
+        tl.store(part_score_ptr + part, best, mask=row_mask)
+        tl.store(part_index_ptr + part, tl.where(finite, best_index, -1), mask=row_mask)
+    else:
+        sqdist = direct_sqdist(x_ptr, code_ptr, rows, best_index, row_mask, D, stride_xn, stride_xd, stride_ck,
+                               stride_cd)
+        tl.store(index_ptr + rows, tl.where(finite, best_index, -1).to(tl.int64), mask=row_mask)
+        tl.store(sqdist_ptr + rows, tl.where(finite, sqdist, float("nan")), mask=row_mask)
+
+
+@triton.jit
+def _fast_merge_kernel(x_ptr, code_ptr, part_score_ptr, part_index_ptr, index_ptr, sqdist_ptr, N, D, splits,
+                       stride_xn, stride_xd, stride_ck, stride_cd, BLOCK_N: tl.constexpr):
+    """Each row's best over the splits, in code order (a later split must score strictly lower, as a later tile
+    must within one), and its squared distance computed directly."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+    best_index = tl.load(part_index_ptr + rows, mask=row_mask, other=0)  # -1: a row holding NaN or inf
+    for split in range(splits):
+        part = split * N + rows
+        score = tl.load(part_score_ptr + part, mask=row_mask, other=float("inf"))
+        better = score < best
+        best = tl.where(better, score, best)
+        best_index = tl.where(better, tl.load(part_index_ptr + part, mask=row_mask, other=0), best_index)
+    finite = best_index >= 0
+    sqdist = direct_sqdist(x_ptr, code_ptr, rows, best_index, row_mask & finite, D, stride_xn, stride_xd, stride_ck,
+                           stride_cd)
+    tl.store(index_ptr + rows, best_index.to(tl.int64), mask=row_mask)
     tl.store(sqdist_ptr + rows, tl.where(finite, sqdist, float("nan")), mask=row_mask)
 
 
+MERGE_ROWS = 128  # rows per program of `fast`'s merge (8 warps)
+
+
 class Sweep:
-    """A search's launch: its staging buffer, the sizes and strides every sweep kernel takes, and its meta-parameters."""
+    """A search's launch: its staging buffer, the sizes and strides every sweep kernel takes, its meta-parameters,
+    and how many programs share each block of rows (`splits`, each over `split_codes` codes)."""
 
     def __init__(self, x: torch.Tensor, prepared: PreparedCodebook):
         (N, D), K, code = x.shape, prepared.codebook.shape[0], prepared.codebook
         d_pad = prepared.operand.shape[1]
-        # The rows' operand, staged for every BLOCK_N up to 256 (see _stage_rows).
+        self.splits, split_codes = search_splits(N, K, multiprocessors(x.device))
+        # The rows' operand, staged for every BLOCK_N up to 256 (see _stage_rows). With splits, every program of a
+        # block of rows stages its rows: the same values, so the writes do not conflict.
         self.stage = torch.empty(triton.cdiv(N, 256) * 256, d_pad, dtype=OPERAND_DTYPE, device=x.device)
         self.sizes = (N, K, D, x.stride(0), x.stride(1), code.stride(0), code.stride(1), d_pad, d_pad)
+        self.split_codes = split_codes
         self.meta = {"BLOCK_D": feature_tile(D), "ONE_D_TILE": D <= feature_tile(D), "UPCAST": INTERPRET}
-        self.grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+        self.grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), self.splits)
+        self.strides = (x.stride(0), x.stride(1), code.stride(0), code.stride(1))
+
+    def scratch(self, *shape, dtype) -> torch.Tensor:
+        """A buffer for what the splits hand to the merge; one element (never read) when there are no splits."""
+        return torch.empty(shape if self.splits > 1 else (1,), dtype=dtype, device=self.stage.device)
 
 
 def fast_search(x: torch.Tensor, prepared: PreparedCodebook, indices: torch.Tensor, sq_dist: torch.Tensor) -> None:
     sweep = Sweep(x, prepared)
-    _fast_kernel[sweep.grid](x, prepared.codebook, *prepared[1:], sweep.stage, indices, sq_dist, *sweep.sizes,
-                             **sweep.meta)
+    N, D = x.shape
+    scores = sweep.scratch(sweep.splits, N, dtype=torch.float32)
+    codes = sweep.scratch(sweep.splits, N, dtype=torch.int32)
+    _fast_kernel[sweep.grid](x, prepared.codebook, *prepared[1:], sweep.stage, indices, sq_dist, scores, codes,
+                             *sweep.sizes, sweep.split_codes, SPLIT=sweep.splits > 1, **sweep.meta)
+    if sweep.splits > 1:
+        _fast_merge_kernel[(triton.cdiv(N, MERGE_ROWS),)](x, prepared.codebook, scores, codes, indices, sq_dist, N, D,
+                                                          sweep.splits, *sweep.strides, BLOCK_N=MERGE_ROWS, num_warps=8)

@@ -51,10 +51,16 @@ def test_compile_check_specialises_as_triton_launches():
 
 def test_large_codebook_searches_compile_and_are_modelled():
     """The searches at 2^18 + 3 codes of 19 features (odd: not a tile multiple, D padded) compile in both modes,
-    and the static model predicts each kept configuration's time there (bench/NOTES.md, large codebooks)."""
-    result = _run("--model", "--shapes", "16384,262147,19")
+    for 16,384 rows (one program per block of rows) and for 1,000 (8 blocks, each swept by 16 programs over ranges
+    of the codes, then merged), and the static model predicts each kept configuration's time there (bench/NOTES.md,
+    large codebooks)."""
+    result = _run("--model", "--shapes", "16384,262147,19", "1000,262147,19")
     assert result.returncode == 0, result.stdout + result.stderr
-    for precision in ("exact", "fast"):
-        assert f"ok   sm_90 nearest_code {precision} x float32 N=16384 K=262147 D=19" in result.stdout
+    for n in (16384, 1000):
+        for precision in ("exact", "fast"):
+            assert f"ok   sm_90 nearest_code {precision} x float32 N={n} K=262147 D=19" in result.stdout
+    for merge in ("_merge_kernel", "_fast_merge_kernel"):
+        assert f"N=1000 K=262147 D=19: {merge}" in result.stdout, result.stdout
     predictions = [float(us) for us in re.findall(r"model: (\d+) us", result.stdout)]
     assert predictions and all(us > 0 for us in predictions), result.stdout
+    assert "; 16 splits, " in result.stdout and "; 1 split, " in result.stdout, result.stdout

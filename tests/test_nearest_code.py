@@ -292,3 +292,74 @@ def test_bad_inputs_are_named(device):
         kernels.nearest_code(x, prepared, "fast", levels=torch.empty(10, dtype=torch.int8, device=device))
     with pytest.raises(ValueError, match=r"levels must be torch.int8 of shape \(10,\)"):
         kernels.nearest_code(x, prepared, levels=torch.empty(10, device=device))
+
+
+# -- few rows, many codes: each block of rows swept by several programs over ranges of the codes ----------------
+
+
+@pytest.mark.parametrize("n, k, sms, splits", [
+    (16384, 262144, 132, 1),  # 128 row blocks fill 132 SMs: no split
+    (1024, 262144, 132, 16),  # 8 row blocks x 16
+    (1, 262147, 132, 121),  # one row: 128 splits wanted (2,048 codes or more each), 121 of 17 tiles
+    (37, 4097, 132, 2),
+    (37, 4095, 132, 1),  # too few codes to be worth a split
+    (37, 6149, 4, 3),  # the test below, under the interpreter's pretend 4 SMs
+])
+def test_search_splits_cover_every_code_once(n, k, sms, splits):
+    from kernels.nearest_pass import MAX_BLOCK_K, MIN_SPLIT_CODES, search_splits
+
+    got, codes = search_splits(n, k, sms)
+    assert got == splits
+    assert codes % MAX_BLOCK_K == 0  # a whole number of tiles for every BLOCK_K
+    padded = -(-k // MAX_BLOCK_K) * MAX_BLOCK_K
+    assert (got - 1) * codes < padded <= got * codes  # the ranges cover the codes, and none is empty
+    assert got == 1 or codes >= MIN_SPLIT_CODES
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_split_codes_give_the_unsplit_answer(precision, device, monkeypatch):
+    """40 rows against 6,149 codes in 3 splits (`kernels.nearest_pass.search_splits`): codes 0..39 have exact copies
+    in each later split, a code has six copies in one tile (its rows go to the fallback), two rows are NaN. The
+    answers are nearest in fp64; `exact` returns the first copy, as the unsplit search does, and both modes give the
+    same indices as with one program per block of rows."""
+    import kernels._common
+    import kernels.nearest_exact
+    import kernels.nearest_pass
+
+    k, d = 6149, 12
+    splits, split = kernels.nearest_pass.search_splits(40, k, kernels._common.multiprocessors(device))
+    assert splits == 3  # on a GPU too: one block of rows, fewer than its SMs
+    codebook = 2 * torch.randn(k, d, device=device)
+    for copy in (split + 7, 2 * split + 11):
+        codebook[copy:copy + 40] = codebook[:40]
+    codebook[1000:1006] = codebook[5000]
+    truth = torch.cat([torch.arange(0, 40, 2), torch.tensor([5000] * 4 + [k - 1, split - 1, split]),
+                       torch.randint(0, k, (9,))]).to(device)
+    x = codebook[truth] + 0.01 * torch.randn(truth.numel(), d, device=device)
+    x[-2, 3], x[-1, 0] = float("nan"), float("inf")
+
+    sweep = kernels.nearest_pass.Sweep(x, kernels.prepare_codebook(codebook))
+    assert sweep.splits == 3 and sweep.split_codes == split
+    levels = torch.full((x.shape[0],), -1, dtype=torch.int8, device=device)  # poison
+    indices = torch.full((x.shape[0],), -7, dtype=torch.int64, device=device)
+    sq_dist = torch.full((x.shape[0],), 123.0, device=device)
+    kwargs = {"levels": levels} if precision == "exact" else {}
+    kernels.nearest_code(x, codebook, precision, out=(indices, sq_dist), **kwargs)
+    finite = torch.ones(x.shape[0], dtype=torch.bool, device=device)
+    finite[-2:] = False
+    assert (indices[~finite] == -1).all() and sq_dist[~finite].isnan().all()
+    _assert_nearest(x[finite], codebook, indices[finite], sq_dist[finite], precision)
+    if precision == "exact":
+        torch.testing.assert_close(indices[finite], _lowest_copy(codebook, indices[finite]), rtol=0, atol=0)
+        assert (levels >= 0).all() and (levels[20:24] == 2).all()  # the six copies: settled by the fallback
+
+    for module in (kernels.nearest_pass, kernels.nearest_exact):
+        monkeypatch.setattr(module, "multiprocessors", lambda device: 1)  # one row block fills "the GPU": no split
+    assert kernels.nearest_pass.Sweep(x, kernels.prepare_codebook(codebook)).splits == 1
+    unsplit, unsplit_dist = kernels.nearest_code(x, codebook, precision)
+    if precision == "exact":
+        torch.testing.assert_close(indices, unsplit, rtol=0, atol=0)
+    else:  # fast picks any copy of a duplicated code (module docstring): compare what the copies stand for
+        torch.testing.assert_close(_lowest_copy(codebook, indices[finite]),
+                                   _lowest_copy(codebook, unsplit[finite]), rtol=0, atol=0)
+    torch.testing.assert_close(sq_dist, unsplit_dist, rtol=0, atol=0, equal_nan=True)
