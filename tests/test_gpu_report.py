@@ -54,6 +54,8 @@ def test_smoke_report_is_printed_last_with_every_stage_provider_and_target(smoke
     assert "| nearest_code | faiss-gpu | fp32 | - | - | - | - | skipped: FAISS GPU search needs CUDA |" in text
     assert text.count("| 256 | 8 | triton-exact |") == 2  # the search's sweep and the training step's
     assert "## quantizer_step over K and D (N = 256)" in text
+    assert "## nearest_code over K and D (N = 256; then N = 16)" in text
+    assert "| 16 | 4096 | 8 | triton-exact |" in text  # few rows: the search splits its codes
     assert text.count("| no GPU |") == 8  # every target, and no verdict from a CPU
 
 
@@ -68,6 +70,8 @@ def test_smoke_report_json_holds_each_stages_figures(smoke):
     assert all("error" not in case for case in report["timings"]["cases"] + swept)
     assert {case["provider"] for case in report["step_sweep"]["cases"] if "median_s" in case} >= {"triton-exact",
                                                                                                  "torch"}
+    assert {(case["n"], case["provider"]) for case in report["sweep"]["cases"] if "median_s" in case} >= {
+        (16, "triton-exact"), (16, "triton-fast")}
     training = report["training"]
     assert training["steps"] >= 1 and len(training["per_step"]["perplexity"]) == training["steps"]
     assert training["stopped"] == "stopped by the stage's clock"

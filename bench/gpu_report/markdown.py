@@ -149,9 +149,12 @@ def sweep_table(data: dict, level: str, section: str = "sweep", operation: str =
     sweep = data.get(section)
     if not sweep:
         return ""
-    rows = [[plan["k"], plan["d"], plan["provider"], *_case_cells(case)] for plan, case in _planned_cases(sweep)]
-    return (f"{level} {operation} over K and D (N = {sweep['n']})\n\n"
-            + _table(["K", "D", "provider", *CASE_COLUMNS], rows))
+    cases = list(_planned_cases(sweep))
+    rows = [[plan["n"], plan["k"], plan["d"], plan["provider"], *_case_cells(case)] for plan, case in cases]
+    few = sorted({plan["n"] for plan, _ in cases} - {sweep["n"]})
+    then = "".join(f"; then N = {n}" for n in few)
+    return (f"{level} {operation} over K and D (N = {sweep['n']}{then})\n\n"
+            + _table(["N", "K", "D", "provider", *CASE_COLUMNS], rows))
 
 
 def step_sweep_table(data: dict, level: str) -> str:

@@ -244,13 +244,17 @@ def timings(ctx: Context) -> None:
 SWEEP_N, SWEEP_KS, SWEEP_DS = 65536, (4096, 16384, 65536, 262144), (256, 32, 8)
 SMOKE_SWEEP_N, SMOKE_SWEEP_KS, SMOKE_SWEEP_DS = 256, (64, 256), (8,)  # a few seconds a case interpreted
 SWEEP_PROVIDERS = ("triton-fast", "triton-exact")
+# Then the search for few rows against many codes (one image a call), where it splits the codes over programs
+# (`kernels.nearest_pass.search_splits`); after the sweep, so that a stage cut short keeps the sweep.
+FEW_ROWS_N, FEW_ROWS_KS, FEW_ROWS_DS = 1024, (65536, 262144), (256, 8)
+SMOKE_FEW_ROWS_N, SMOKE_FEW_ROWS_KS, SMOKE_FEW_ROWS_DS = 16, (4096,), (8,)  # 2 splits under the interpreter
 STEP_SWEEP_PROVIDERS = ("triton-exact", "vector-quantize-pytorch", "torch")
 
 
 def sweep(ctx: Context) -> None:
     from bench.test_bench_nearest_code import NEAREST_CODE  # noqa: PLC0415
 
-    sweep_over_codebooks(ctx, "sweep", NEAREST_CODE, SWEEP_PROVIDERS, shapes_first=True)
+    sweep_over_codebooks(ctx, "sweep", NEAREST_CODE, SWEEP_PROVIDERS, shapes_first=True, few_rows=True)
 
 
 def step_sweep(ctx: Context) -> None:
@@ -259,9 +263,11 @@ def step_sweep(ctx: Context) -> None:
     sweep_over_codebooks(ctx, "step_sweep", QUANTIZER_STEP, STEP_SWEEP_PROVIDERS, shapes_first=False)
 
 
-def sweep_over_codebooks(ctx: Context, section: str, operation, provider_names, *, shapes_first: bool) -> None:
+def sweep_over_codebooks(ctx: Context, section: str, operation, provider_names, *, shapes_first: bool,
+                         few_rows: bool = False) -> None:
     """operation at every (K, D) of the sweep for the named providers; shapes_first: all providers at a shape
-    before the next shape, else one provider at every shape before the next provider."""
+    before the next shape, else one provider at every shape before the next provider; few_rows: then the few-rows
+    shapes, every provider at each."""
     from bench import harness  # noqa: PLC0415
 
     adopt_measured_ceilings(ctx)
@@ -270,6 +276,10 @@ def sweep_over_codebooks(ctx: Context, section: str, operation, provider_names, 
     shapes = [harness.Shape(n, k, d) for d in ds for k in ks]
     plan = ([(shape, p) for shape in shapes for p in providers] if shapes_first else
             [(shape, p) for p in providers for shape in shapes])
+    if few_rows:
+        few_n, few_ks, few_ds = ((SMOKE_FEW_ROWS_N, SMOKE_FEW_ROWS_KS, SMOKE_FEW_ROWS_DS) if ctx.smoke else
+                                 (FEW_ROWS_N, FEW_ROWS_KS, FEW_ROWS_DS))
+        plan += [(harness.Shape(few_n, k, d), p) for d in few_ds for k in few_ks for p in providers]
     record.update(ctx.out, section, n=n, ks=list(ks), ds=list(ds),
                   planned=[planned_case(operation, p, shape) for shape, p in plan], cases=[])
     for shape, provider in plan:
