@@ -4,7 +4,8 @@
     indices, sq_dist = nearest_code(x, prepare_codebook(codebook), "fast")
 
 Both precisions stream the codebook past blocks of rows on the tensor cores in fp16 and never build the N x K
-distance matrix. The search is in three files, by stage:
+distance matrix; with fewer blocks of rows than the GPU has SMs, each block is swept by several programs over ranges
+of the codes and their results merged in code order (the same answers). The search is in three files, by stage:
   kernels/nearest_pass.py    the fp16 sweep (centred, power-of-two-scaled operands; one tile's MMA in flight while
                              the previous tile is scored) and `fast` mode, which is the sweep alone: the code with
                              the smallest fp16 score, within about 2**-8 |x - m| |c - m| of the nearest's distance;
