@@ -363,3 +363,20 @@ def test_split_codes_give_the_unsplit_answer(precision, device, monkeypatch):
         torch.testing.assert_close(_lowest_copy(codebook, indices[finite]),
                                    _lowest_copy(codebook, unsplit[finite]), rtol=0, atol=0)
     torch.testing.assert_close(sq_dist, unsplit_dist, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("n, k, d, dtype, contiguous", [
+    (3, 4200, 300, torch.float32, True),  # D past the on-chip limit: the rows are re-read in slices every tile
+    (70, 4500, 19, torch.bfloat16, False),  # column-major bf16 x, every other row of a larger codebook
+])
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_split_searches_at_odd_shapes(n, k, d, dtype, contiguous, precision, device):
+    import kernels._common
+    import kernels.nearest_pass
+
+    assert kernels.nearest_pass.search_splits(n, k, kernels._common.multiprocessors(device))[0] == 2
+    x, codebook = _inputs(n, k, d, dtype, device, contiguous=contiguous)
+    indices = torch.full((n,), -7, dtype=torch.int64, device=device)  # poison: every entry must be written
+    sq_dist = torch.full((n,), float("nan"), device=device)
+    kernels.nearest_code(x, codebook, precision, out=(indices, sq_dist))
+    _assert_nearest(x, codebook, indices, sq_dist, precision)
