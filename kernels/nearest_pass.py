@@ -346,7 +346,11 @@ class Sweep:
         self.split_codes = split_codes
         self.meta = {"BLOCK_D": feature_tile(D), "ONE_D_TILE": D <= feature_tile(D), "UPCAST": INTERPRET}
         self.grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), self.splits)
-        self.strides = (x.stride(0), x.stride(1), code.stride(0), code.stride(1))
+
+    @property
+    def strides(self) -> tuple:
+        """x's and the codebook's strides, as the merge kernels take them."""
+        return self.sizes[3:7]
 
     def scratch(self, *shape, dtype) -> torch.Tensor:
         """A buffer for what the splits hand to the merge; one element (never read) when there are no splits."""
