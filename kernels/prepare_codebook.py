@@ -64,7 +64,8 @@ def pow2_below(amax, TOP: tl.constexpr):
     """2**e for the integer e that puts amax (>= 0) in [2**(TOP - 1), 2**TOP), read off amax's exponent bits so that
     it is exact; e is clamped to [-100, 100] (zero or subnormal amax: 2**100), far inside fp32's range."""
     biased = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    e = tl.minimum(tl.maximum(TOP + 126 - biased, -100), 100)
+    # The tensor on the left: triton 3.7's interpreter cannot subtract a tensor from a tl.constexpr object.
+    e = tl.minimum(tl.maximum(126 - biased + TOP, -100), 100)
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
