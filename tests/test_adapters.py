@@ -1,11 +1,12 @@
 """The drop-in adapters, and parity with the real `vector-quantize-pytorch` package given the same state."""
 
+import importlib.metadata
+
 import pytest
 import torch
+import vector_quantize_pytorch as vqp
 
-from vqvae.adapters import ResidualVQ, SonnetVectorQuantizerEMA, TamingVectorQuantizer, VectorQuantize
-
-vqp = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is a test dependency")
+from vqvae.adapters import VQP_RELEASE, ResidualVQ, SonnetVectorQuantizerEMA, TamingVectorQuantizer, VectorQuantize
 
 DIM, CODES = 16, 32
 
@@ -45,6 +46,10 @@ def _peer(codes, decay):
         peer._codebook.embed_avg.copy_(codes[None] * 2.0)
         peer._codebook.cluster_size.fill_(2.0)
     return peer
+
+
+def test_the_parity_tests_run_against_the_release_the_adapters_reproduce():
+    assert importlib.metadata.version("vector-quantize-pytorch") == VQP_RELEASE
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -139,8 +144,9 @@ def test_parity_with_vector_quantize_pytorch_when_dead_codes_restart(backend, de
 def test_parity_in_eval_and_with_image_feature_maps():
     codes = _separated_codes()
     peer = vqp.VectorQuantize(dim=DIM, codebook_size=CODES, accept_image_fmap=True, rotation_trick=False)
-    with torch.no_grad():
+    with torch.no_grad():  # its codes with the EMA sums that give them (counts of 1)
         peer._codebook.embed.copy_(codes[None])
+        peer._codebook.embed_avg.copy_(codes[None])
     peer.eval()
     ours = VectorQuantize(DIM, CODES, accept_image_fmap=True).eval()
     ours.load_vector_quantize_pytorch_state(peer.state_dict())
@@ -192,6 +198,45 @@ def test_foreign_state_with_several_codebooks_is_refused():
     state = {"_codebook.embed": torch.zeros(2, CODES, DIM)}
     with pytest.raises(ValueError, match="single-codebook state"):
         ours.load_vector_quantize_pytorch_state(state)
+
+
+@pytest.mark.parametrize("keyword", ["dead_code_threshold_ratio", "reset_cluster_size_ratio"])
+def test_keywords_of_a_later_release_are_refused_naming_the_release_reproduced(keyword):
+    with pytest.raises(TypeError, match=rf"reproduces vector-quantize-pytorch 1\.32\.0, which has no '{keyword}'"):
+        VectorQuantize(DIM, CODES, **{keyword: 0.1})
+    with pytest.raises(TypeError, match=rf"ResidualVQ reproduces .* 1\.32\.0, .*threshold_ema_dead_code"):
+        ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=CODES, **{keyword: 0.1})
+
+
+def test_a_state_that_release_1_34_starts_with_is_refused_naming_the_release_reproduced():
+    """vector-quantize-pytorch 1.34.1's VectorQuantize (kmeans_init=False) saves its random codes with counts and
+    sums of zero (checked against that release); 1.32.0's EMA would pull every code that wins no row to the
+    origin, where 1.34 keeps it, so the adapter refuses the state rather than train it differently."""
+    codes = torch.rand(CODES, DIM) * 2 - 1
+    state = {"_codebook.embed": codes[None], "_codebook.embed_avg": torch.zeros(1, CODES, DIM),
+             "_codebook.cluster_size": torch.zeros(1, CODES), "_codebook.initted": torch.tensor(True)}
+    ours = VectorQuantize(DIM, CODES)
+    before = ours.quantizer.codebook.clone()
+    with pytest.raises(ValueError, match=r"for 32 of 32 codes .* reproduce 1\.32\.0"):
+        ours.load_vector_quantize_pytorch_state(state)
+    assert torch.equal(ours.quantizer.codebook, before), "a refused state leaves the adapter as it was"
+    residual_state = {f"layers.0.{key}": value for key, value in state.items()}
+    with pytest.raises(ValueError, match=r"'layers\.0\._codebook\.embed' is not .* 1\.32\.0"):
+        ResidualVQ(dim=DIM, num_quantizers=1, codebook_size=CODES).load_vector_quantize_pytorch_state(residual_state)
+
+
+@pytest.mark.parametrize("kmeans_init", [False, True])
+def test_states_that_release_1_32_writes_load_fresh_and_after_restarts(kmeans_init):
+    peer = vqp.VectorQuantize(dim=DIM, codebook_size=CODES, decay=0.8, kmeans_init=kmeans_init,
+                              threshold_ema_dead_code=2, rotation_trick=False).train()
+    ours = VectorQuantize(DIM, CODES, decay=0.8, threshold_ema_dead_code=2)
+    ours.load_vector_quantize_pytorch_state(peer.state_dict())  # as constructed: kmeans_init seeds on the first batch
+    assert bool(ours.quantizer.book.initialized) is not kmeans_init
+    for _ in range(8):  # half the inputs far off: codes die and restart
+        peer(torch.cat([torch.randn(2, 40, DIM), torch.randn(2, 40, DIM) + 20.0]))
+    ours.load_vector_quantize_pytorch_state(peer.state_dict())
+    assert bool(ours.quantizer.book.initialized)
+    torch.testing.assert_close(ours.codebook, peer._codebook.embed[0])
 
 
 # -- ResidualVQ ------------------------------------------------------------------------------------------------
@@ -283,9 +328,10 @@ def test_residual_vq_with_projections_takes_over_the_packages_projections():
     codebooks = [book[:, :5] for book in codebooks]
     peer = vqp.ResidualVQ(dim=RVQ_DIM, codebook_dim=5, num_quantizers=2, codebook_size=RVQ_CODES,
                           rotation_trick=False).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # the codes with the EMA sums that give them (counts of 1)
         for layer, book in zip(peer.layers, codebooks):
             layer._codebook.embed.copy_(book[None])
+            layer._codebook.embed_avg.copy_(book[None])
     ours = ResidualVQ(dim=RVQ_DIM, codebook_dim=5, num_quantizers=2, codebook_size=RVQ_CODES).eval()
     ours.load_vector_quantize_pytorch_state(peer.state_dict())
     x = torch.randn(3, 7, RVQ_DIM)
@@ -301,8 +347,9 @@ def test_residual_vq_shared_codebook_and_image_maps_as_the_package():
     codebooks, _ = _residual_codebooks(1)
     peer = vqp.ResidualVQ(dim=RVQ_DIM, num_quantizers=3, codebook_size=RVQ_CODES, shared_codebook=True,
                           rotation_trick=False).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # the codes with the EMA sums that give them (counts of 1)
         peer.layers[0]._codebook.embed.copy_(codebooks[0][None])
+        peer.layers[0]._codebook.embed_avg.copy_(codebooks[0][None])
     ours = ResidualVQ(dim=RVQ_DIM, num_quantizers=3, codebook_size=RVQ_CODES, shared_codebook=True,
                       accept_image_fmap=True).eval()
     ours.load_vector_quantize_pytorch_state(peer.state_dict())

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import vector_quantize_pytorch as vqp
 
 from vqvae.adapters import SimVQ
 from vqvae.quantizer import VectorQuantizer, VectorQuantizerEMA, _RotationTrick
@@ -114,7 +115,6 @@ def test_the_rotation_trick_follows_its_formula_and_is_the_identity_on_its_code(
 @pytest.mark.parametrize("rotation_trick", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_simvq_matches_vector_quantize_pytorch_over_training_steps(rotation_trick, backend, device):
-    vqp = pytest.importorskip("vector_quantize_pytorch")
     peer = vqp.SimVQ(dim=D, codebook_size=K, rotation_trick=rotation_trick).to(device).train()
     ours = SimVQ(D, K, rotation_trick=rotation_trick, backend=backend).to(device).train()
     ours.load_vector_quantize_pytorch_state(peer.state_dict())

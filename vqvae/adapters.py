@@ -3,6 +3,12 @@
 Each adapter takes the constructor arguments and returns the outputs of the quantizer it stands in for, and runs
 our quantizer underneath (`self.quantizer`). What they do not reproduce is said in each docstring; in
 particular none of them builds the N x K distance matrix or one-hot encodings those packages return.
+
+The vector-quantize-pytorch adapters reproduce release 1.32.0 (`VQP_RELEASE`), which the parity tests run against.
+1.34 changed what they reproduce: a dead code is one under a ratio of the mean count (`dead_code_threshold_ratio`,
+where 1.32.0 takes a count, `threshold_ema_dead_code`), and its EMA normalises the codes as
+(embed_avg + eps embed) / (cluster_size + eps) from counts and sums that start at zero, where 1.32.0 divides by
+Laplace-smoothed counts. A 1.34 keyword, or a state whose codes 1.32.0's EMA would not give, is refused by name.
 """
 
 import torch
@@ -11,9 +17,16 @@ from torch import nn
 from .quantizer import VectorQuantizer
 from .residual import ResidualVectorQuantizer
 
+VQP_RELEASE = "1.32.0"  # the vector-quantize-pytorch release the adapters reproduce
+# Keywords of later releases, which 1.32.0 does not have, and what stands for each here.
+LATER_KEYWORDS = {
+    "dead_code_threshold_ratio": "threshold_ema_dead_code, a count: a code is dead under that EMA count",
+    "reset_cluster_size_ratio": "threshold_ema_dead_code, whose count a restarted code also starts with",
+}
+
 
 class VectorQuantize(nn.Module):
-    """In the style of `vector_quantize_pytorch.VectorQuantize` (single head, Euclidean, EMA codebook).
+    """In the style of `vector_quantize_pytorch.VectorQuantize` 1.32.0 (single head, Euclidean, EMA codebook).
 
     forward(x, mask=None) -> (quantized, indices, loss), x of shape (B, N, dim), (B, dim) or, with
     `accept_image_fmap=True`, (B, dim, H, W). The codebook starts from the first training batch, as with their
@@ -30,7 +43,8 @@ class VectorQuantize(nn.Module):
                  commitment_weight: float = 1.0, threshold_ema_dead_code: float = 0.0, channel_last: bool = True,
                  accept_image_fmap: bool = False, rotation_trick: bool | None = None, **quantizer_kwargs):
         super().__init__()
-        self.channel_last, self.accept_image_fmap = channel_last, accept_image_fmap
+        _refuse_later_keywords(type(self).__name__, quantizer_kwargs)
+        self.channel_last, self.accept_image_fmap, self.eps = channel_last, accept_image_fmap, eps
         layout = "channels_first" if accept_image_fmap or not channel_last else "channels_last"
         rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
         self.quantizer = VectorQuantizer(codebook_size, dim, decay, eps, commitment_weight,
@@ -56,8 +70,9 @@ class VectorQuantize(nn.Module):
 
     @torch.no_grad()
     def load_vector_quantize_pytorch_state(self, state_dict: dict) -> None:
-        """Take the codebook and EMA state of a trained `vector_quantize_pytorch.VectorQuantize` (one head)."""
-        self.quantizer.load_state_dict(_codebook_state(state_dict, "_codebook."))
+        """Take the codebook and EMA state of a trained `vector_quantize_pytorch.VectorQuantize` (one head, release
+        1.32.0)."""
+        self.quantizer.load_state_dict(_codebook_state(state_dict, "_codebook.", self.eps))
 
 
 def _as_that_package(threshold_ema_dead_code: float) -> dict:
@@ -67,23 +82,54 @@ def _as_that_package(threshold_ema_dead_code: float) -> dict:
                 restart_count=threshold_ema_dead_code if threshold_ema_dead_code > 0 else None)
 
 
-def _codebook_state(state_dict: dict, prefix: str) -> dict:
-    """Our quantizer state from the EuclideanCodebook of vector-quantize-pytorch stored under `prefix`."""
+def _refuse_later_keywords(adapter: str, kwargs: dict) -> None:
+    for name, instead in LATER_KEYWORDS.items():
+        if name in kwargs:
+            raise TypeError(f"{adapter} reproduces vector-quantize-pytorch {VQP_RELEASE}, which has no '{name}' "
+                            f"(vector-quantize-pytorch 1.34's keyword); pass {instead}")
+
+
+def _codebook_state(state_dict: dict, prefix: str, eps: float) -> dict:
+    """Our quantizer state from the EuclideanCodebook of vector-quantize-pytorch 1.32.0 stored under `prefix`."""
     codebook = state_dict[prefix + "embed"]
     if codebook.ndim != 3 or codebook.shape[0] != 1:
         raise ValueError(f"expected a single-codebook state ('{prefix}embed' of shape (1, K, D)), "
                          f"got {tuple(codebook.shape)}")
     # Their embed_avg is our embed_sum: the EMA of per-code sums, which the codebook is normalised from.
+    codebook, counts = codebook[0].float(), state_dict[prefix + "cluster_size"][0].float()
+    sums = state_dict[prefix + "embed_avg"][0].float()
+    _check_normalised_as_1_32(prefix, codebook, counts, sums, eps)
     return {
-        "codebook": codebook[0].float(),
-        "cluster_size": state_dict[prefix + "cluster_size"][0].float(),
-        "embed_sum": state_dict[prefix + "embed_avg"][0].float(),
-        "initialized": torch.tensor(True),
+        "codebook": codebook,
+        "cluster_size": counts,
+        "embed_sum": sums,
+        # A codebook that kmeans_init has not seeded yet is seeded here, from the first training batch.
+        "initialized": state_dict.get(prefix + "initted", torch.tensor(True)).bool().reshape(()),
     }
 
 
+def _check_normalised_as_1_32(prefix: str, codebook, counts, sums, eps: float) -> None:
+    """1.32.0 writes its codes as embed_avg over Laplace-smoothed counts after every EMA step, and a restarted code
+    as a row with embed_avg = row x count: a state where they disagree was written by another release (1.34 keeps
+    a code whose count is ~0 where it was, and starts its counts and sums at zero), and our EMA, which is 1.32.0's,
+    would move its codes where that release would not."""
+    total = counts.sum()
+    smoothed = (counts + eps) / (total + counts.numel() * eps) * total
+    expected = sums / smoothed[:, None]
+    scale = codebook.abs().max().clamp(min=1e-12)
+    off = ~torch.isclose(expected, codebook, rtol=1e-3, atol=1e-4 * float(scale)).all(dim=1)
+    if off.any():
+        shown = ", ".join(str(int(k)) for k in off.nonzero()[:5, 0])
+        raise ValueError(
+            f"'{prefix}embed' is not '{prefix}embed_avg' over the Laplace-smoothed '{prefix}cluster_size' for "
+            f"{int(off.sum())} of {counts.numel()} codes (e.g. {shown}), as vector-quantize-pytorch {VQP_RELEASE} "
+            f"keeps them: this state was saved by another release (1.34 normalises its codes as (embed_avg + eps "
+            f"embed) / (cluster_size + eps) and starts counts and sums at zero). The adapters reproduce "
+            f"{VQP_RELEASE}: train the codebook there, or let the adapter seed its own from the first batch")
+
+
 class SimVQ(nn.Module):
-    """In the style of `vector_quantize_pytorch.SimVQ` (a frozen codebook times a learned linear map, no bias).
+    """In the style of `vector_quantize_pytorch.SimVQ` 1.32.0 (a frozen codebook times a learned linear map, no bias).
 
     forward(x) -> (quantized, indices, loss), x of shape (B, N, dim) or, with `channel_first=True`, (B, dim, ...);
     loss = commitment_weight * (mean((sg[x] - q)^2) + input_to_quantize_commit_loss_weight * mean((x - sg[q])^2)),
@@ -131,7 +177,7 @@ class SimVQ(nn.Module):
 
 
 class ResidualVQ(nn.Module):
-    """In the style of `vector_quantize_pytorch.ResidualVQ` (Euclidean EMA codebooks, one head), on
+    """In the style of `vector_quantize_pytorch.ResidualVQ` 1.32.0 (Euclidean EMA codebooks, one head), on
     `ResidualVectorQuantizer` (`self.quantizer`).
 
     forward(x, mask=None, return_all_codes=False) -> (quantized, indices, losses) or, with `return_all_codes`,
@@ -158,7 +204,8 @@ class ResidualVQ(nn.Module):
                  commitment_weight: float = 1.0, threshold_ema_dead_code: float = 0.0, channel_last: bool = True,
                  **quantizer_kwargs):
         super().__init__()
-        self.accept_image_fmap = accept_image_fmap
+        _refuse_later_keywords(type(self).__name__, quantizer_kwargs)
+        self.accept_image_fmap, self.eps = accept_image_fmap, eps
         layout = "channels_first" if accept_image_fmap or not channel_last else "channels_last"
         codebook_dim = codebook_dim or dim
         self.has_projections = codebook_dim != dim
@@ -208,9 +255,10 @@ class ResidualVQ(nn.Module):
 
     @torch.no_grad()
     def load_vector_quantize_pytorch_state(self, state_dict: dict) -> None:
-        """Take the codebooks and EMA state (and projections) of a trained `vector_quantize_pytorch.ResidualVQ`."""
+        """Take the codebooks and EMA state (and projections) of a trained `vector_quantize_pytorch.ResidualVQ`
+        (release 1.32.0)."""
         for i, layer in enumerate(self.quantizer.layers):
-            layer.load_state_dict(_codebook_state(state_dict, f"layers.{i}._codebook."))
+            layer.load_state_dict(_codebook_state(state_dict, f"layers.{i}._codebook.", self.eps))
         if self.has_projections:
             for name in ("project_in", "project_out"):
                 getattr(self, name).load_state_dict({key: state_dict[f"{name}.{key}"] for key in ("weight", "bias")})
