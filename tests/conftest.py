@@ -7,6 +7,7 @@ defining a ``@triton.jit`` kernel is imported, so the switch has to be thrown he
 
 import os
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -43,6 +44,34 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def hub_dataset(tmp_path):
+    """A Hugging Face dataset written as a hub repository holds one (data/<split>-00000-of-00001.parquet), which
+    `datasets.load_dataset(folder)` reads offline as it reads a downloaded one. Split `s` of n images holds images
+    of width `WIDTHS[s] + i`, so a test can tell which image it got; the first is grayscale.
+    `hub_dataset(column="image", splits={"train": 6, "validation": 3})` returns the folder."""
+    import datasets  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    def write(column: str = "image", splits: dict | None = None):
+        root = tmp_path / "hub_dataset"
+        features = datasets.Features({column: datasets.Image(), "text": datasets.Value("string")})
+        rng = np.random.default_rng(0)
+        for split, count in (splits or {"train": 6, "validation": 3}).items():
+            arrays = [rng.integers(0, 256, (20, HUB_WIDTHS[split] + i, 3), dtype=np.uint8) for i in range(count)]
+            images = [Image.fromarray(a[..., 0] if i == 0 else a) for i, a in enumerate(arrays)]
+            table = datasets.Dataset.from_dict({column: images, "text": [f"caption {i}" for i in range(count)]},
+                                               features=features)
+            (root / "data").mkdir(parents=True, exist_ok=True)
+            table.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+        return root
+
+    return write
+
+
+HUB_WIDTHS = {"train": 20, "validation": 40, "test": 60}
 
 
 @pytest.fixture(autouse=True)

@@ -71,6 +71,9 @@ def test_an_int_or_yaml_exponent_string_is_a_valid_float(tmp_path):
     ("quantizer:\n  decay: 1.0\n", r"quantizer\.decay must be a float in \[0\.0, 1\.0\), got 1\.0"),
     ("train:\n  batch_size: 0\n", r"train\.batch_size must be positive"),
     ("data:\n  source: folder\n", r"data\.path must name an image folder"),
+    ("data:\n  val_split: validation\n", r"data\.val_split names a split of a hub dataset; data\.source is "
+                                         r"'builtin'"),
+    ("data:\n  source: hf\n  name: a/b\n  val_split: train\n", r"data\.val_split is data\.split \('train'\)"),
 ])
 def test_values_out_of_range_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):

@@ -123,7 +123,6 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
 
 
 def test_unreachable_hub_dataset_fails_fast_and_says_what_to_do(tmp_path, monkeypatch):
-    pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = DataConfig(source="hf", name="vqvae-triton-tests/no-such-dataset", cache_dir=str(tmp_path / "cache"))
     start = time.perf_counter()
@@ -189,29 +188,38 @@ def test_loader_workers_are_capped_by_the_cpus_this_process_may_use(monkeypatch)
     assert available_cpus() == 1
 
 
-def test_hub_dataset_rows_become_training_images(monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)) for i in range(6)]
-    images[2] = images[2].convert("L")
-    table = datasets.Dataset.from_dict(
-        {"image": images, "text": [f"caption {i}" for i in range(6)]},
-        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
-    calls = []
+def _widths(source):
+    return sorted(source.load(i).size[0] for i in range(len(source)))
 
-    def fake_load_dataset(name, split, cache_dir):
-        calls.append((name, split, cache_dir))
-        return table
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    cfg = DataConfig(source="hf", name="someone/pictures", image_size=16, val_fraction=0.34)
+def test_a_hub_dataset_is_read_offline_with_validation_held_out_of_its_split(hub_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = DataConfig(source="hf", name=str(hub_dataset()), image_size=16, val_fraction=0.34,
+                     cache_dir=str(tmp_path / "cache"))
     train, val = make_datasets(cfg, seed=0)
-    assert calls == [("someone/pictures", "train", None)]
     assert (len(train), len(val)) == (4, 2)
+    assert sorted(_widths(train.source) + _widths(val.source)) == list(range(20, 26))  # the train split, once
+    assert _widths(make_datasets(cfg, seed=0)[1].source) == _widths(val.source)  # the same hold-out every run
+    assert all(train.source.load(i).mode == "RGB" for i in range(len(train.source)))  # grayscale converted
     batches = list(make_loader(val, 2, num_workers=0, train=False))
-    assert batches[0].shape == (2, 3, 16, 16)
-    with pytest.raises(DataError, match=r"no column 'pixels' \(data\.image_key\); its columns are"):
-        hf_source(DataConfig(source="hf", name="someone/pictures", image_key="pixels"))
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 16, 16)]
+    assert float(batches[0].min()) >= -1 and float(batches[0].max()) <= 1
+
+
+def test_a_hub_dataset_validates_on_its_own_split_and_reads_any_image_column(hub_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = hub_dataset(column="picture", splits={"train": 5, "validation": 3, "test": 2})
+    cfg = DataConfig(source="hf", name=str(folder), image_key="picture", val_split="validation", image_size=16,
+                     cache_dir=str(tmp_path / "cache"))
+    train, val = make_datasets(cfg, seed=0)
+    assert _widths(train.source) == [20, 21, 22, 23, 24] and _widths(val.source) == [40, 41, 42]
+    assert next(iter(make_loader(train, 4, num_workers=0))).shape == (4, 3, 16, 16)
+    with pytest.raises(DataError, match=r"\(split 'train'\) has no column 'image' \(data\.image_key\); its "
+                                        r"columns are \['picture', 'text'\]"):
+        hf_source(DataConfig(source="hf", name=str(folder), cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(DataError, match=r"could not load hub dataset .* split 'valid'|no cached copy"):
+        make_datasets(DataConfig(source="hf", name=str(folder), image_key="picture", val_split="valid",
+                                 cache_dir=str(tmp_path / "cache")), seed=0)
 
 
 def test_builtin_validation_holds_out_a_region_of_every_photo():

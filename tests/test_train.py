@@ -2,6 +2,7 @@
 a crash while saving, reports bad input clearly; and the encoder CLI writes code grids that decode."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -292,7 +293,6 @@ def test_command_line_errors_name_the_key_and_the_file(tmp_path, capsys):
 
 
 def test_naruto_config_fails_fast_without_the_hub(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(CONFIG_DIR / "vqvae_naruto.yaml"), f"--data.cache_dir={tmp_path / 'cache'}",
@@ -302,6 +302,20 @@ def test_naruto_config_fails_fast_without_the_hub(tmp_path, monkeypatch, capsys)
     assert "lambdalabs/naruto-blip-captions" in err and "no cached copy" in err
     assert "--data.source=folder" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_training_reads_a_hub_dataset_and_validates_on_its_own_split(hub_dataset, tmp_path, monkeypatch):
+    """The seed configuration's kind of source, end to end and offline: a dataset in a hub repository's layout."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(run_dir, max_steps=4, eval_every=4, batch_size=2)
+    cfg.data.source, cfg.data.name, cfg.data.image_key = "hf", str(hub_dataset(column="img")), "img"
+    cfg.data.val_split, cfg.data.cache_dir = "validation", str(tmp_path / "cache")
+    cfg.data.samples_per_epoch = cfg.data.val_samples = 0  # one crop per image of each split
+    summary = train(cfg)
+    assert summary["steps"] == 4
+    val = read_metrics(run_dir, "val/")
+    assert len(val) == 1 and math.isfinite(val[0]["val/psnr"])
 
 
 def test_encode_writes_code_grids_that_decode_to_the_reconstructions(tmp_path, capsys):

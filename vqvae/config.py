@@ -26,15 +26,16 @@ class ConfigError(ValueError):
 class DataConfig:
     source: str = "builtin"  # "builtin" (scikit-image photos), "folder" (a local image folder) or "hf" (a hub dataset)
     name: str = ""  # hub dataset name, for source "hf"
-    split: str = "train"  # hub split to read; the validation split is held out of it
+    split: str = "train"  # hub split to train on
+    val_split: str = ""  # hub split to validate on; "" = hold val_fraction of `split` out
     image_key: str = "image"  # hub column holding the images
     cache_dir: str = ""  # where the hub dataset is cached; "" = the datasets library's default
     path: str = ""  # image folder, for source "folder"
     image_size: int = 128
     crop_scale: float = 1.0  # random crops take a side in [crop_scale, 1] x the image's short side; 1 = whole image
     hflip: bool = True
-    val_fraction: float = 0.05  # fraction of the images held out for validation (at least one); "builtin" instead
-    # holds out the last quarter of every photo
+    val_fraction: float = 0.05  # fraction of the images held out for validation (at least one), unless val_split
+    # names a split of its own; "builtin" instead holds out the last quarter of every photo
     samples_per_epoch: int = 0  # crops drawn per epoch; 0 = one per training image (builtin: 1024)
     val_samples: int = 0  # validation crops; 0 = one per held-out image (builtin: 64)
     num_workers: int = 2
@@ -223,6 +224,12 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"data.name must name a hub dataset when data.source is 'hf' in {source}")
     if cfg.data.source == "folder" and not cfg.data.path:
         raise ConfigError(f"data.path must name an image folder when data.source is 'folder' in {source}")
+    if cfg.data.val_split and cfg.data.source != "hf":
+        raise ConfigError(f"data.val_split names a split of a hub dataset; data.source is {cfg.data.source!r} "
+                          f"(validation is held out of its images: leave data.val_split empty) in {source}")
+    if cfg.data.val_split and cfg.data.val_split == cfg.data.split:
+        raise ConfigError(f"data.val_split is data.split ({cfg.data.split!r}): validation would score the training "
+                          f"images (leave it empty to hold data.val_fraction of them out) in {source}")
     unknown = {m.strip() for m in cfg.train.eval_metrics.split(",") if m.strip()} - {"lpips", "rfid"}
     if unknown:
         raise ConfigError(f"train.eval_metrics: unknown metric(s) {', '.join(sorted(unknown))} (choose from lpips, "

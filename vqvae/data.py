@@ -129,8 +129,11 @@ def folder_source(path: str) -> ImageSource:
     return ImageSource(f"folder:{root}", [str(p) for p in good], _open_image, skipped=len(bad))
 
 
-def hf_source(cfg: DataConfig) -> ImageSource:
-    """A hub dataset, through the ``datasets`` library (an optional extra), cached under ``cfg.cache_dir``."""
+def hf_source(cfg: DataConfig, split: str | None = None) -> ImageSource:
+    """A split of a hub dataset (``cfg.split`` unless given), through the ``datasets`` library (an optional
+    extra), cached under ``cfg.cache_dir``. ``cfg.name`` may also be a local folder of a dataset's files (e.g.
+    ``data/train-*.parquet``), which the library reads as it reads a downloaded one."""
+    split = split or cfg.split
     try:
         import datasets
     except ImportError:
@@ -140,11 +143,11 @@ def hf_source(cfg: DataConfig) -> ImageSource:
     online = _hub_reachable()
     try:
         with _hub_offline(not online):
-            ds = datasets.load_dataset(cfg.name, split=cfg.split, cache_dir=cache_dir)
+            ds = datasets.load_dataset(cfg.name, split=split, cache_dir=cache_dir)
     except Exception as e:  # the datasets library raises many types here (ConnectionError, FileNotFoundError, ...)
         where = cache_dir or "the datasets cache (HF_HOME / HF_DATASETS_CACHE)"
         if online:
-            raise DataError(f"could not load hub dataset '{cfg.name}' (split '{cfg.split}'): "
+            raise DataError(f"could not load hub dataset '{cfg.name}' (split '{split}'): "
                             f"{type(e).__name__}: {e}") from e
         why = ("HF_HUB_OFFLINE is set" if _env_offline() else "the Hugging Face hub cannot be reached")
         raise DataError(
@@ -153,10 +156,10 @@ def hf_source(cfg: DataConfig) -> ImageSource:
             f"runs), or train on a local folder of images instead: "
             f"--data.source=folder --data.path=/path/to/images") from e
     if cfg.image_key not in ds.column_names:
-        raise DataError(f"hub dataset '{cfg.name}' has no column '{cfg.image_key}' (data.image_key); "
-                        f"its columns are {ds.column_names}")
+        raise DataError(f"hub dataset '{cfg.name}' (split '{split}') has no column '{cfg.image_key}' "
+                        f"(data.image_key); its columns are {ds.column_names}")
     ds = ds.select_columns([cfg.image_key])
-    return ImageSource(f"hf:{cfg.name}", _HubRows(ds, cfg.image_key), _identity)
+    return ImageSource(f"hf:{cfg.name}:{split}", _HubRows(ds, cfg.image_key), _identity)
 
 
 class _HubRows:
@@ -325,6 +328,8 @@ def make_datasets(cfg: DataConfig, seed: int, augment: bool = True) -> tuple[Ima
     builtin = cfg.source == "builtin"
     if builtin:
         train_src, val_src = split_regions(source, BUILTIN_VAL_SHARE)
+    elif cfg.val_split:  # a hub dataset's own validation split
+        train_src, val_src = source, hf_source(cfg, cfg.val_split)
     else:
         train_src, val_src = split_source(source, cfg.val_fraction, seed)
     n_train = cfg.samples_per_epoch or (BUILTIN_SAMPLES if builtin else len(train_src))
