@@ -19,8 +19,6 @@ TINY = {
 
 
 def test_variants_train_and_the_report_is_drawn_from_their_csvs(tmp_path):
-    pytest.importorskip("matplotlib")
-    pytest.importorskip("vector_quantize_pytorch")
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "health"
@@ -43,7 +41,6 @@ def test_variants_train_and_the_report_is_drawn_from_their_csvs(tmp_path):
 
 
 def test_draw_seeds_repeat_a_variant_and_the_table_shows_their_mean(tmp_path):
-    pytest.importorskip("matplotlib")
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "health"
