@@ -2,7 +2,7 @@
 beyond the spread of the shipped quantizer's draws?
 
     python -m bench.codebook_health --variants ours --steps 150 --batch-size 16 --draw-seeds 11,12,13 --out runs/abl
-    python -m bench.codebook_health --variants ours-no-lloyd --steps 150 --batch-size 16 --draw-seeds 11 --out runs/abl
+    python -m bench.codebook_health --variants ours-no-kmeans-init --steps 150 --batch-size 16 --draw-seeds 11 --out runs/abl
     python -m bench.ablation runs/abl [runs/abl_flat ...]
 
 For each folder: the range over `ours@<seed>` runs of three figures, and each `ours-no-<rule>@<seed>` run's figures,

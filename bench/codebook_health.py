@@ -12,20 +12,21 @@ are redrawn from every CSV in the folder, so variants can be run in separate cal
 compared together.
 
     python -m bench.codebook_health --steps 600 --batch-size 64 --variants ours --out runs/health_b64
-    python -m bench.codebook_health --steps 150 --batch-size 16 --variants ours,legacy,vqp-recommended,vqp-plain
+    python -m bench.codebook_health --steps 150 --batch-size 16 --variants ours,plain,vqp-recommended,vqp-plain
     python -m bench.codebook_health --steps 40 --batch-size 16 --variants ours,vqp-recommended --draw-seeds 11,12,13
     python -m bench.codebook_health --list                  # the variants
     python -m bench.codebook_health --plot-only --out runs/health_b16
 
-Variants: `ours` is `VectorQuantizer` as the config builds it (the shipped defaults); `legacy` switches every
-codebook rule off (an empty rule list, `vqvae.options.LEGACY`); `ours-no-<rule>` switches one rule of
-`vqvae.rules` off (`ABLATIONS`: warmup, memory-floor, lloyd, fit-weight, frame, restarts, proportional); `vqp-*` swap
+Variants: `ours` is `VectorQuantizer` as the config builds it (the shipped defaults); `plain` switches every
+health rule off (an empty rule list, `vqvae.quantizer.health.HEALTH_RULES_OFF`); `ours-no-<rule>` switches one rule
+of `vqvae.quantizer.health` off (`ABLATIONS`: ema-warmup, ema-warmup-min-rows, kmeans-init, fit-weight,
+affine-reparam, dead-code-restarts, usage-draws); `vqp-*` swap
 vector-quantize-pytorch's `VectorQuantize` into the same model, with its recommended EMA settings
 (`kmeans_init=True, threshold_ema_dead_code=2`, decay 0.99, commitment 0.25), its plain defaults, or at the config's
 own quantizer settings (`vqp-as-configured`: codes' width, cosine, decay, threshold; for the large codebooks, where
 a threshold of 2 rows would declare every code dead). That package is
 several times slower on the CPU, so compare the peers at a small batch (16) and say which. Codes learned by gradient:
-`ours-gradient`, `ours-simvq` (`vqvae.learning`), each also `+rotation` (the rotation trick; `ours+rotation`: EMA
+`ours-gradient`, `ours-simvq` (`vqvae.quantizer.learning`), each also `+rotation` (the rotation trick; `ours+rotation`: EMA
 codes with it), against `vqp-learned` (`VectorQuantize(learnable_codebook=True, ema_update=False)`) and
 `vqp-simvq` (its `SimVQ`), each with and without the rotation trick (that package's default is with it).
 
@@ -54,15 +55,14 @@ if __name__ == "__main__" and "TRITON_INTERPRET" not in os.environ:
 import torch
 from torch import nn
 
+from vqvae.cli import pick_device
 from vqvae.config import Config, load_config
 from vqvae.data import make_datasets, make_loader
 from vqvae.model import build_model, quantizer_kwargs
-from vqvae.options import LEGACY
+from vqvae.quality import evaluate
 from vqvae.quantizer import QuantizerOutput, VectorQuantizer
-from vqvae.rules import ABLATIONS
-from vqvae.cli import pick_device
-from vqvae.evaluation import evaluate
-from vqvae.metrics import CodeUsage
+from vqvae.quantizer.health import ABLATIONS, HEALTH_RULES_OFF
+from vqvae.quantizer.metrics import CodeUsage
 from vqvae.train import make_optimizer, make_scheduler, train_step
 
 SEED_CONFIG = Path(__file__).resolve().parents[1] / "config" / "vqvae_naruto.yaml"
@@ -97,25 +97,25 @@ def _vqp_as_configured() -> Callable[[Config], nn.Module]:
 
 VARIANTS = {
     "ours": _ours(),
-    "legacy": _ours(**LEGACY),  # no rule at all (vqvae.options.LEGACY)
-    # the ablation: each rule of vqvae.rules switched off on its own
+    "plain": _ours(**HEALTH_RULES_OFF),  # no health rule at all
+    # the ablation: each rule of vqvae.quantizer.health switched off on its own
     **{f"ours-no-{rule}": _ours(**off) for rule, off in ABLATIONS.items()},
     "ours-warmup10": _ours(ema_warmup_steps=10),
     "ours-threshold1": _ours(dead_code_threshold=1.0),
     "ours+error-draws": _ours(restart_draws="error"),
-    "ours+dead-memory10": _ours(dead_code_memory=10),
-    "ours+dead-memory30": _ours(dead_code_memory=30),
-    "ours+dead-memory30+error-draws": _ours(dead_code_memory=30, restart_draws="error"),
+    "ours+dead-code-memory10": _ours(dead_code_memory=10),
+    "ours+dead-code-memory30": _ours(dead_code_memory=30),
+    "ours+dead-code-memory30+error-draws": _ours(dead_code_memory=30, restart_draws="error"),
     "ours+kmeans": _ours(init="kmeans++"),
     "ours+cosine": _ours(affine_reparam=False, cosine=True),
     "ours+codebook_dim32": _ours(codebook_dim=32),
     "ours+codebook_dim32+cosine": _ours(codebook_dim=32, affine_reparam=False, cosine=True),
-    "legacy+warmup": _ours(**{**LEGACY, "ema_warmup": True}),
-    "legacy+affine": _ours(**{**LEGACY, "affine_reparam": True}),
+    "plain+ema-warmup": _ours(**{**HEALTH_RULES_OFF, "ema_warmup": True}),
+    "plain+affine-reparam": _ours(**{**HEALTH_RULES_OFF, "affine_reparam": True}),
     "vqp-recommended": _vqp(kmeans_init=True, threshold_ema_dead_code=2, decay=0.99, commitment_weight=0.25),
     "vqp-plain": _vqp(decay=0.99, commitment_weight=0.25),
     "vqp-as-configured": _vqp_as_configured(),
-    # codes learned by gradient (vqvae.learning), with the straight-through estimator or the rotation trick
+    # codes learned by gradient (vqvae.quantizer.learning), with the straight-through estimator or the rotation trick
     **{f"ours{learning}{rotation}": _ours(**({"learning": learning[1:], "affine_reparam": None} if learning else {}),
                                           rotation_trick=bool(rotation))
        for learning in ("", "-gradient", "-simvq") for rotation in ("", "+rotation") if learning or rotation},
@@ -170,7 +170,8 @@ class FeatureWatch:
         rows = args[0].detach().float().movedim(1, -1).reshape(-1, args[0].shape[1])
         mean = rows.mean(dim=0)
         shift = float("nan") if self.last_mean is None else float((mean - self.last_mean).norm())
-        codes = module.codebook.float()
+        codebook = module.codebook  # ours: a Codebook; vector-quantize-pytorch's: its codes
+        codes = (codebook.codes if isinstance(codebook, nn.Module) else codebook).float()
         # (codes in another space than the input, codebook_dim's: no gap to measure)
         gap = float((codes.mean(dim=0) - mean).norm()) if codes.shape[1] == mean.shape[0] else float("nan")
         self.values = {"z_spread": float((rows - mean).square().sum(dim=1).mean().sqrt()), "z_mean_shift": shift,
@@ -379,7 +380,7 @@ def report(out_dir: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="ours,legacy", help="comma-separated names (see --list)")
+    parser.add_argument("--variants", default="ours,plain", help="comma-separated names (see --list)")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's (64 for the seed's)")
     parser.add_argument("--config", type=Path, default=SEED_CONFIG,

@@ -9,7 +9,7 @@ cannot say what the compiled code costs. This script
      tensors of each case's shapes and dtypes, with Triton's launch replaced by a recorder: every kernel launch the
      function makes is recorded with its arguments, so the cases cannot drift from the launchers;
   2. specialises each launch the way Triton's launcher does (`specialise`: an integer equal to 1 becomes a constant,
-     integers and pointers divisible by 16 are marked so; tests/test_kernels_compile.py checks this against Triton's
+     integers and pointers divisible by 16 are marked so; tests/kernels/test_compile_for_gpu.py checks this against Triton's
      own binder), and compiles it with every autotune configuration that the kernel's own `prune_configs_by` keeps
      for the SM's shared memory;
   3. prints per configuration: registers, local memory (spills), shared memory, the MMA instructions, and the main
@@ -35,13 +35,13 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compiling needs TRITON_I
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import vq_kernels  # noqa: E402
+import vq_kernels._common  # noqa: E402
+import vq_kernels.nearest_exact  # noqa: E402
+import vq_kernels.nearest_pass  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import kernels  # noqa: E402
-import kernels._common  # noqa: E402
-import kernels.nearest_exact  # noqa: E402
-import kernels.nearest_pass  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Shared memory one block may use (opt-in maximum), by compute capability: a kernel that compiles but needs more
 # fails at launch.
@@ -71,26 +71,26 @@ def recording(launches: list, case: str):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         launches.append(Launch(self, args, kwargs, case))
 
-    saved = (triton.runtime.JITFunction.run, triton.runtime.Autotuner.run, kernels._common.INTERPRET,
-             kernels.nearest_pass.multiprocessors, kernels.nearest_exact.multiprocessors)
+    saved = (triton.runtime.JITFunction.run, triton.runtime.Autotuner.run, vq_kernels._common.INTERPRET,
+             vq_kernels.nearest_pass.multiprocessors, vq_kernels.nearest_exact.multiprocessors)
     triton.runtime.JITFunction.run = record
     triton.runtime.Autotuner.run = record
-    kernels._common.INTERPRET = True  # check_device: CPU tensors stand in for CUDA ones
+    vq_kernels._common.INTERPRET = True  # check_device: CPU tensors stand in for CUDA ones
     # an H100's SMs: they size the fallback's grid and decide whether a search splits its codes (SPLIT)
-    kernels.nearest_pass.multiprocessors = kernels.nearest_exact.multiprocessors = lambda device: H100["sms"]
+    vq_kernels.nearest_pass.multiprocessors = vq_kernels.nearest_exact.multiprocessors = lambda device: H100["sms"]
     try:
         yield
     finally:
-        (triton.runtime.JITFunction.run, triton.runtime.Autotuner.run, kernels._common.INTERPRET,
-         kernels.nearest_pass.multiprocessors, kernels.nearest_exact.multiprocessors) = saved
+        (triton.runtime.JITFunction.run, triton.runtime.Autotuner.run, vq_kernels._common.INTERPRET,
+         vq_kernels.nearest_pass.multiprocessors, vq_kernels.nearest_exact.multiprocessors) = saved
 
 
 def search_calls(shapes) -> list:
     """(case name, call): the search in each mode, fp32 x against an fp32 codebook, at each (N, K, D) of `shapes`."""
     return [(f"nearest_code {precision} x float32 N={n} K={k} D={d}",
-             lambda n=n, k=k, d=d, p=precision: kernels.nearest_code(
-                 torch.zeros(n, d), kernels.prepare_codebook(torch.zeros(k, d)), p))
-            for n, k, d in shapes for precision in kernels.PRECISIONS]
+             lambda n=n, k=k, d=d, p=precision: vq_kernels.nearest_code(
+                 torch.zeros(n, d), vq_kernels.prepare_codebook(torch.zeros(k, d)), p))
+            for n, k, d in shapes for precision in vq_kernels.PRECISIONS]
 
 
 def quantizer_calls():
@@ -100,16 +100,16 @@ def quantizer_calls():
     for n, k, d in [SEED, *ODD]:
         shape = f"N={n} K={k} D={d}"
         for dtype in ((torch.float32, torch.bfloat16, torch.float16) if (n, k, d) == SEED else (torch.float32,)):
-            for precision in kernels.PRECISIONS:
+            for precision in vq_kernels.PRECISIONS:
                 name = f"nearest_code {precision} x {str(dtype)[6:]} {shape}"
-                calls.append((name, lambda n=n, k=k, d=d, dtype=dtype, p=precision: kernels.nearest_code(
-                    torch.zeros(n, d, dtype=dtype), kernels.prepare_codebook(torch.zeros(k, d)), p)))
+                calls.append((name, lambda n=n, k=k, d=d, dtype=dtype, p=precision: vq_kernels.nearest_code(
+                    torch.zeros(n, d, dtype=dtype), vq_kernels.prepare_codebook(torch.zeros(k, d)), p)))
             for deterministic in (False, True):
                 name = f"code_stats {'deterministic' if deterministic else 'atomic'} x {str(dtype)[6:]} {shape}"
-                calls.append((name, lambda n=n, k=k, d=d, dtype=dtype, det=deterministic: kernels.code_stats(
+                calls.append((name, lambda n=n, k=k, d=d, dtype=dtype, det=deterministic: vq_kernels.code_stats(
                     torch.zeros(n, d, dtype=dtype), torch.zeros(n, dtype=torch.int64), k, deterministic=det,
                     validate_indices=False)))
-        calls.append((f"ema_blend {shape}", lambda k=k, d=d: kernels.ema_blend_(
+        calls.append((f"ema_blend {shape}", lambda k=k, d=d: vq_kernels.ema_blend_(
             torch.ones(k), torch.zeros(k, d), torch.zeros(k, d), torch.ones(k), torch.zeros(k, d), 0.99, 1e-5)))
     return calls
 
@@ -160,12 +160,12 @@ def configurations(launch: Launch, shared_limit: int) -> list[tuple[dict, dict]]
     configs = launch.kernel.configs
     prune = launch.kernel.early_config_prune
     if prune is not None:
-        saved = kernels.nearest_pass.shared_memory_limit
-        kernels.nearest_pass.shared_memory_limit = lambda: shared_limit
+        saved = vq_kernels.nearest_pass.shared_memory_limit
+        vq_kernels.nearest_pass.shared_memory_limit = lambda: shared_limit
         try:
             configs = prune(configs, dict(zip(launch.fn.arg_names, launch.args)), **launch.kwargs)
         finally:
-            kernels.nearest_pass.shared_memory_limit = saved
+            vq_kernels.nearest_pass.shared_memory_limit = saved
     return [(c.kwargs, {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in configs]
 
 
@@ -196,8 +196,8 @@ def compile_as_triton_launches(launch: Launch, meta: dict, options: dict, arch: 
 def self_check(arch: int = 90) -> list[str]:
     """The seed-shape `fast` search in its first kept configuration, specialised here and by Triton's launcher:
     the same signature, constants and attributes, and the same registers and shared memory once compiled."""
-    launches = record_launches([(f"nearest_code fast {SEED_NAME}", lambda: kernels.nearest_code(
-        torch.zeros(SEED[0], SEED[2]), kernels.prepare_codebook(torch.zeros(SEED[1], SEED[2])), "fast"))])
+    launches = record_launches([(f"nearest_code fast {SEED_NAME}", lambda: vq_kernels.nearest_code(
+        torch.zeros(SEED[0], SEED[2]), vq_kernels.prepare_codebook(torch.zeros(SEED[1], SEED[2])), "fast"))])
     launch = next(la for la in launches if la.fn.__name__ == "_fast_kernel")
     meta, options = configurations(launch, MAX_SHARED_BYTES[arch])[0]
     ours = read_figures(compile_launch(launch, meta, options, arch))
@@ -306,7 +306,7 @@ H100 = {"sms": 132, "clock": 1.83e9, "fp16_flops_per_clk": 4096, "tf32_flops_per
 def predict_search(fig: Figures, meta: dict, options: dict, n: int, k: int, d: int, x_bytes: int,
                    shared_limit: int) -> dict:
     """Predicted seconds of one search kernel at (n, k, d) on an H100, from its compiled figures. Where the search
-    splits its codes over programs (few rows: `kernels.nearest_pass.search_splits`), each block of rows is that many
+    splits its codes over programs (few rows: `vq_kernels.nearest_pass.search_splits`), each block of rows is that many
     CTAs, each sweeping its share of the tiles; the merge kernel after it (a few loads a row and split) is left out.
 
     Per code tile and CTA: the tensor cores need (MMA flops of the loop x warpgroups) / (flops per clock per SM);
@@ -329,7 +329,7 @@ def predict_search(fig: Figures, meta: dict, options: dict, n: int, k: int, d: i
     tile = max(mma, (mma + issue) / per_cta) if serial else gap + max(mma, issue - gap)
     l2 = block_k * d * 2 / (hw["l2_bytes_per_s"] / hw["sms"] / hw["clock"])
     tile = max(tile, l2 * per_cta) / per_cta if per_cta > 1 else max(tile, l2)
-    splits, split_codes = kernels.nearest_pass.search_splits(n, k, hw["sms"])
+    splits, split_codes = vq_kernels.nearest_pass.search_splits(n, k, hw["sms"])
     tiles = triton.cdiv(min(k, split_codes), block_k)
     cta = tiles * tile + fig.outside * warps / hw["issue_per_clk"]
     ctas = triton.cdiv(n, block_n) * splits

@@ -1,7 +1,7 @@
 """Benchmark-wide setup: the Triton switch, the device in the report header, the roofline's ceilings.
 
 Without CUDA, Triton's interpreter has to be chosen before any module defining a `@triton.jit` kernel is imported
-(as in tests/conftest.py), so the benchmark files can import `kernels` at all. Their Triton cases are then skipped:
+(as in tests/conftest.py), so the benchmark files can import `vq_kernels` at all. Their Triton cases are then skipped:
 the interpreter is a correctness tool, and its timings would mean nothing.
 """
 

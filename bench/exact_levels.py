@@ -1,9 +1,9 @@
 """How many rows each level of the `exact` search settles: certified by the fp16 pass, rescored among its kept
-candidates, or left to the fallback pass over the whole codebook (see `kernels.nearest_code`).
+candidates, or left to the fallback pass over the whole codebook (see `vq_kernels.nearest_code`).
 
     python -m bench.exact_levels                                  # random, offset and duplicated-code data
     python -m bench.exact_levels --checkpoint runs/quickstart/best.pt --checkpoint runs/naruto/best.pt
-    python -m bench.exact_levels --checkpoint runs/quickstart/best.pt --save-rows tests/data/quickstart_rows.pt
+    python -m bench.exact_levels --checkpoint runs/quickstart/best.pt --save-rows tests/kernels/data/quickstart_rows.pt
 
 It runs the kernel itself: on CUDA at the seed shape by default, on the CPU in Triton's interpreter (which pins
 BLOCK_K = 64, as small as the GPU's smallest tile) at a reduced N. The fractions depend on the code-tile width,
@@ -36,10 +36,10 @@ def synthetic_sets(n: int, k: int, d: int, device: str) -> dict:
 
 
 def level_report(x: torch.Tensor, codebook: torch.Tensor) -> dict:
-    import kernels  # noqa: PLC0415  (after TRITON_INTERPRET is set)
+    import vq_kernels  # noqa: PLC0415  (after TRITON_INTERPRET is set)
 
     levels = torch.empty(x.shape[0], dtype=torch.int8, device=x.device)
-    indices, _ = kernels.nearest_code(x, codebook, "exact", levels=levels)
+    indices, _ = vq_kernels.nearest_code(x, codebook, "exact", levels=levels)
     counts = torch.bincount(levels.long(), minlength=3).tolist()
     worst = 0.0
     for start in range(0, x.shape[0], 4096):

@@ -61,16 +61,16 @@ def miss_report(x: torch.Tensor, codebook: torch.Tensor, chosen: torch.Tensor, c
 
 def fast_indices(x: torch.Tensor, codebook: torch.Tensor, impl: str) -> torch.Tensor:
     if impl == "kernel":
-        import kernels  # noqa: PLC0415
+        import vq_kernels  # noqa: PLC0415
 
-        return kernels.nearest_code(x, codebook, "fast")[0]
+        return vq_kernels.nearest_code(x, codebook, "fast")[0]
     return emulated_fast_indices(x, codebook)
 
 
 def encoder_rows(checkpoint: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder outputs (before quantization) of the checkpoint's training images (fixed crops), and its codebook."""
     from vqvae.data import make_datasets, make_loader  # noqa: PLC0415
-    from vqvae.train import load_model  # noqa: PLC0415
+    from vqvae.resume import load_model  # noqa: PLC0415
 
     model, cfg, _ = load_model(checkpoint)
     images_set, _ = make_datasets(cfg.data, cfg.train.seed, augment=False)
@@ -81,7 +81,7 @@ def encoder_rows(checkpoint: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
             rows.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
             if sum(r.shape[0] for r in rows) >= n:
                 break
-    return torch.cat(rows)[:n], model.quantizer.codebook
+    return torch.cat(rows)[:n], model.quantizer.codebook.codes
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ if ON_CUDA:
 else:  # small enough that `pytest bench --benchmark-only` finishes in minutes on two cores
     SHAPES = [SEED, *_sweeps(CPU_STAND_IN, ns=(4096,), ks=(512,), ds=(64,))]
 
-# Large codebooks (issue 23): K from the seed's 4,096 to 2^18, at the dimensions large codebooks use (8, 32) and the
+# Large codebooks: K from the seed's 4,096 to 2^18, at the dimensions large codebooks use (8, 32) and the
 # seed's 256, for 64 images of 32 x 32 latents on CUDA and 16 on the CPU. Their own benchmark functions
 # (`-k large_codebook`); on the CPU only with BENCH_LARGE_CODEBOOKS=1, as they take tens of minutes there.
 LARGE_CODEBOOK_SHAPES = [Shape(SEED.n if ON_CUDA else CPU_STAND_IN.n, k, d)

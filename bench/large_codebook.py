@@ -4,7 +4,7 @@ each in a fresh process: the median time and how far the process's resident memo
     python -m bench.large_codebook --k 262144 --d 32 --n 16384                    # this checkout
     python -m bench.large_codebook --k 262144 --d 32 --n 16384 --checkout /tmp/old --checkout .   # side by side
 
-A forward is `VectorQuantizerEMA(K, D, backend=...)` in train mode on N fresh random rows (N / 1024 images of 32 x 32
+A forward is `VectorQuantizer(K, D, backend=...)` in train mode on N fresh random rows (N / 1024 images of 32 x 32
 latents, channels last) with the quantizer's defaults: the search, the EMA statistics and blend, the dead codes'
 restarts. The first forward seeds the codebook (and runs the Lloyd fit); it and one more are not timed. The
 memory is the resident-set high-water mark above the level before the timed forwards, with glibc told to map every
@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Run in the fresh process, with the checkout's root first on sys.path: only torch and that checkout's vqvae.
@@ -27,7 +28,7 @@ import json, os, statistics, sys, time
 import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from vqvae.quantizer import VectorQuantizerEMA
+from vqvae.quantizer import VectorQuantizer
 
 n, k, d, repeats, backend, device = json.loads(sys.argv[1])
 
@@ -36,7 +37,7 @@ def status(field):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 torch.manual_seed(0)
-quantizer = VectorQuantizerEMA(k, d, backend=backend).to(device).train()
+quantizer = VectorQuantizer(k, d, backend=backend).to(device).train()
 rows = lambda: torch.randn(max(n // 1024, 1), min(n, 1024), d, device=device)
 with torch.no_grad():
     start = time.perf_counter()
@@ -64,11 +65,15 @@ print(json.dumps({"first_forward_s": first, "median_s": statistics.median(times)
 
 def measure(checkout: Path, n: int, k: int, d: int, repeats: int, backend: str, device: str) -> dict:
     checkout = checkout.resolve()
-    if not (checkout / "vqvae" / "quantizer.py").is_file():
-        raise SystemExit(f"--checkout {checkout}: no vqvae/quantizer.py there (a checkout of this project?)")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(checkout))
-    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([n, k, d, repeats, backend, device])],
-                          cwd=checkout, env=env, capture_output=True, text=True)
+    if not (checkout / "vqvae").is_dir() or not (checkout / "kernels").is_dir():
+        raise SystemExit(f"--checkout {checkout}: no vqvae/ and kernels/ there (a checkout of this project?)")
+    with tempfile.TemporaryDirectory() as links:
+        # The checkout's own kernels under their import name (the folder kernels/ installs as vq_kernels), ahead of
+        # any installed copy; a checkout from before the rename imports `kernels` from its own root.
+        (Path(links) / "vq_kernels").symlink_to(checkout / "kernels", target_is_directory=True)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join([links, str(checkout)]))
+        done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([n, k, d, repeats, backend, device])],
+                              cwd=checkout, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"measuring {checkout} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -8,7 +8,7 @@ square of the quantized output), so that the straight-through gradient reaches t
 x is (B, 1024, D): B images of 32 x 32 latents, channels last, which every quantizer takes without a transpose.
 
 Providers (`layers` None: one quantizer; an int: a residual stack of that many)
-  torch, triton-exact, triton-fast  vqvae.quantizer.VectorQuantizerEMA, or vqvae.residual.ResidualVectorQuantizerEMA
+  torch, triton-exact, triton-fast  vqvae.quantizer.VectorQuantizer, or vqvae.quantizer.residual.ResidualVectorQuantizer
                                     with its layers' defaults, with backend "torch" or "triton"
   compile-torch                     the torch backend under torch.compile
   torch-peer-ema                    the torch backend with the peer's EMA, as the adapters run it: a constant decay,
@@ -62,17 +62,17 @@ def make_forward(provider: str, k: int, d: int, device: str, layers: int | None 
         return forward
     if provider not in OURS:
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
-    from vqvae.quantizer import VectorQuantizerEMA  # noqa: PLC0415
-    from vqvae.residual import ResidualVectorQuantizerEMA  # noqa: PLC0415
+    from vqvae.quantizer import VectorQuantizer  # noqa: PLC0415
+    from vqvae.quantizer.residual import ResidualVectorQuantizer  # noqa: PLC0415
 
     kwargs = {"decay": DECAY, "eps": EPS, "commitment_weight": COMMITMENT,
               "backend": "triton" if provider.startswith("triton-") else "torch",
               "precision": "fast" if provider == "triton-fast" else "exact",
               **(PEER_EMA if provider == "torch-peer-ema" else {}), **(options or {})}
     if layers is None:
-        module = VectorQuantizerEMA(k, d, **kwargs)
+        module = VectorQuantizer(k, d, **kwargs)
     else:
-        module = ResidualVectorQuantizerEMA(layers, k, d, **kwargs)
+        module = ResidualVectorQuantizer(layers, k, d, **kwargs)
     module = module.to(device).train()
     model = torch.compile(module) if provider == "compile-torch" else module
 

@@ -4,8 +4,8 @@ steps alone, the statistics (`code_stats`) and the blend (`ema_blend_`).
 Every round starts from a fresh copy of the same state (the update is in place), made untimed in the setup.
 
 Providers of the update
-  triton, triton-deterministic  `kernels.ema_update_` with atomics, and with the sorted, bit-reproducible reduction
-  torch-reference               `kernels.reference.ema_update_`: index_add_ statistics and the blend
+  triton, triton-deterministic  `vq_kernels.ema_update_` with atomics, and with the sorted, bit-reproducible reduction
+  torch-reference               `vq_kernels.reference.ema_update_`: index_add_ statistics and the blend
   compile-reference             the same under torch.compile
   onehot                        the classic peer formulation, written here: counts and sums from an N x K one-hot
                                 matrix (counts = onehot.sum(0), sums = onehot.T @ x), then the reference blend
@@ -16,11 +16,11 @@ Providers of the steps: triton (and triton-deterministic for the statistics) and
 import pytest
 import torch
 import torch.nn.functional as F
+import vq_kernels
+from vq_kernels import reference
 
-import kernels
 from bench import harness, roofline
 from bench.harness import Provider
-from kernels import reference
 
 DECAY, EPS = 0.99, 1e-5
 
@@ -75,7 +75,7 @@ def update_fn(provider: Provider, shape, device):
 
         def update_(*args):
             # validate_indices=False: the indices come from the search, as in the quantizer (no host sync).
-            return kernels.ema_update_(*args, deterministic=deterministic, validate_indices=False)
+            return vq_kernels.ema_update_(*args, deterministic=deterministic, validate_indices=False)
 
         return update_
     if name == "torch-reference":
@@ -115,7 +115,7 @@ def make_stats_case(provider: Provider, shape, device: str):
     deterministic = provider.name == "triton-deterministic"
 
     def stats(x, indices, num_codes):
-        return kernels.code_stats(x, indices, num_codes, deterministic=deterministic, validate_indices=False)
+        return vq_kernels.code_stats(x, indices, num_codes, deterministic=deterministic, validate_indices=False)
 
     return stats, lambda: (x, indices, shape.k)
 
@@ -124,7 +124,7 @@ def make_blend_case(provider: Provider, shape, device: str):
     x, indices, cluster_size, embed_sum = _batch(shape, device)
     counts, sums = reference.code_stats(x, indices, shape.k)
     state = _fresh_state(cluster_size, embed_sum)
-    blend_ = reference.ema_blend_ if provider.name == "torch-reference" else kernels.ema_blend_
+    blend_ = reference.ema_blend_ if provider.name == "torch-reference" else vq_kernels.ema_blend_
     return blend_, lambda: (*state(), counts, sums, DECAY, EPS)
 
 

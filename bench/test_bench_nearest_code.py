@@ -1,10 +1,10 @@
 """Nearest-code search, side by side: for x [N, D] and a codebook [K, D], each row's nearest code.
 
 Providers
-  triton-exact, triton-fast  `kernels.nearest_code` on fp32 and bf16 inputs; both make one pass on the tensor cores
+  triton-exact, triton-fast  `vq_kernels.nearest_code` on fp32 and bf16 inputs; both make one pass on the tensor cores
                              (fp16 operands, fp32 accumulation), and `exact` then rescores in fp32 the rows that
                              pass cannot certify: the floor of both is that of the fp16 pass (`bench.roofline`)
-  torch-reference            `kernels.reference.nearest_code`: the project's PyTorch path (chunked addmm + argmin,
+  torch-reference            `vq_kernels.reference.nearest_code`: the project's PyTorch path (chunked addmm + argmin,
                              centred, exact distances recomputed)
   eager-fp32, eager-bf16     the textbook formulation, written here: argmin_k(|c_k|^2 - 2 x.c_k) by addmm, in chunks
                              of 4096 rows (an N x K score matrix does not fit at the largest shapes)
@@ -15,11 +15,11 @@ Providers
 
 import pytest
 import torch
+import vq_kernels
+from vq_kernels import reference
 
-import kernels
 from bench import harness, roofline
 from bench.harness import Provider
-from kernels import reference
 
 CHUNK_ROWS = 4096
 
@@ -71,7 +71,7 @@ def _faiss_search():
 def search_fn(provider: Provider):
     name = provider.name
     if name.startswith("triton-"):
-        return lambda x, codebook: kernels.nearest_code(x, codebook, name.removeprefix("triton-"))
+        return lambda x, codebook: vq_kernels.nearest_code(x, codebook, name.removeprefix("triton-"))
     if name == "torch-reference":
         return reference.nearest_code
     if name.startswith("eager-"):

@@ -44,7 +44,7 @@ def _compile_or_skip(step):
     except torch._dynamo.exc.BackendCompilerFailed as error:
         lines = str(error).strip().splitlines()
         cause = next((line for line in lines if "Error" in line), lines[0])
-        pytest.skip(f"torch.compile fails on VectorQuantizerEMA with torch {torch.__version__}: {cause[:200]}")
+        pytest.skip(f"torch.compile fails on VectorQuantizer with torch {torch.__version__}: {cause[:200]}")
 
 
 def make_case(provider: Provider, shape, device: str):
@@ -73,7 +73,7 @@ def test_quantizer_step_large_codebook(benchmark, provider, shape):
 
 @pytest.mark.skipif(not harness.installed("vector_quantize_pytorch"), reason="vector_quantize_pytorch is not installed")
 def test_torch_step_against_vector_quantize_pytorch(benchmark):
-    """VectorQuantizerEMA(backend="torch") takes at most a quarter of vector-quantize-pytorch's time and peak memory
+    """VectorQuantizer(backend="torch") takes at most a quarter of vector-quantize-pytorch's time and peak memory
     for the same training step on the CPU, at N = 16384 (16 images of 32 x 32), K = 4096, D = 256."""
     check_against_peer(benchmark, CPU_STAND_IN, layers=None, rounds=TARGET_ROUNDS, min_speedup=MIN_SPEEDUP,
                        max_memory_ratio=MAX_MEMORY_RATIO)

@@ -5,7 +5,7 @@ layer's search, commitment loss, EMA update and dead-code restarts where the pro
 pass of the summed commitment losses plus a stand-in for the decoder's loss (the mean square of the quantized
 output). x is (B, 1024, D): B images of 32 x 32 latents, channels last.
 
-Providers: those of `bench.quantizer_step` with `layers`: ResidualVectorQuantizerEMA on Triton and on PyTorch (its
+Providers: those of `bench.quantizer_step` with `layers`: ResidualVectorQuantizer on Triton and on PyTorch (its
 layers' defaults, and "torch-peer-ema", the peer's EMA as the ResidualVQ adapter runs it), and vector-quantize-pytorch's
 ResidualVQ.
 
@@ -85,7 +85,7 @@ def test_residual_step(benchmark, sync, device, provider, shape, layers):
 
 @pytest.mark.skipif(not harness.installed("vector_quantize_pytorch"), reason="vector_quantize_pytorch is not installed")
 def test_residual_step_against_vector_quantize_pytorch(benchmark):
-    """ResidualVectorQuantizerEMA(backend="torch") with 8 layers takes at most a third of the time and a quarter of
+    """ResidualVectorQuantizer(backend="torch") with 8 layers takes at most a third of the time and a quarter of
     the peak memory of ResidualVQ for the same training step on the CPU, at N = 16384, K = 1024, D = 256
     (measured as `test_bench_quantizer.check_against_peer` says)."""
     check_against_peer(benchmark, TARGET, layers=TARGET_LAYERS, rounds=TARGET_ROUNDS, min_speedup=MIN_SPEEDUP,

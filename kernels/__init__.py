@@ -1,7 +1,7 @@
-"""Triton kernels of the EMA vector quantizer. Plain PyTorch references of the same functions: `kernels.reference`.
+"""Triton kernels of the EMA vector quantizer. Plain PyTorch references of the same functions: `vq_kernels.reference`.
 
-Each function also exists as a PyTorch custom op (`*_op`, namespace `vq_kernels`; the search's takes a prepared codebook)
-for use under torch.compile.
+Each function also exists as a PyTorch custom op (`*_op`, namespace `vq_kernels`; the search's takes a prepared
+codebook) for use under torch.compile. The folder kernels/ installs as the package `vq_kernels` (pyproject.toml).
 """
 
 from .code_stats import code_stats, code_stats_op

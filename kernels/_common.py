@@ -28,7 +28,8 @@ def check_device(name: str, tensor: torch.Tensor) -> None:
     """Triton kernels need CUDA memory, unless the interpreter runs them on the CPU."""
     if tensor.is_cuda or (INTERPRET and tensor.device.type == "cpu"):
         return
-    hint = "" if tensor.device.type != "cpu" else " (set TRITON_INTERPRET=1 before importing `kernels` to run them on the CPU)"
+    hint = "" if tensor.device.type != "cpu" else \
+        " (set TRITON_INTERPRET=1 before importing `vq_kernels` to run them on the CPU)"
     raise ValueError(f"{name} is on {tensor.device}; the Triton kernels need a CUDA tensor{hint}")
 
 

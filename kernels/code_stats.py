@@ -18,7 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, check_matrix, check_output, check_same_device, load_tile
+from ._common import (
+    check_device,
+    check_matrix,
+    check_output,
+    check_same_device,
+    load_tile,
+)
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 CHUNK_ROWS = 256  # deterministic mode: rows per program; a code's run of R rows spreads over ceil(R / 256)

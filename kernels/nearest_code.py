@@ -24,7 +24,13 @@ import torch
 from ._common import check_device, check_matrix, check_output, check_same_device
 from .nearest_exact import exact_search
 from .nearest_pass import fast_search
-from .prepare_codebook import OPERAND_DTYPE, PreparedCodebook, padded_codes, padded_features, prepare_codebook
+from .prepare_codebook import (
+    OPERAND_DTYPE,
+    PreparedCodebook,
+    padded_codes,
+    padded_features,
+    prepare_codebook,
+)
 
 PRECISIONS = ("exact", "fast")
 
@@ -49,14 +55,14 @@ def _check_prepared(prepared: PreparedCodebook, d: int, device: torch.device) ->
                                   ("stats", prepared.stats, (3,), torch.float32)):
         if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous() or t.device != device:
             raise ValueError(f"prepared.{name} must be a contiguous {dtype} tensor of shape {shape} on {device}, got "
-                             f"{t.dtype} {tuple(t.shape)} on {t.device}: make it with kernels.prepare_codebook")
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}: make it with vq_kernels.prepare_codebook")
 
 
 def nearest_code(x: torch.Tensor, codebook, precision: str = "exact", *, out=None, levels=None):
     """Index (int64 [N]) and squared L2 distance (float32 [N]) of the nearest codebook row for each row of x.
 
     x [N, D]: fp32, bf16 or fp16, any strides, read in its own dtype. codebook: a [K, D] tensor (any float dtype,
-    not necessarily x's) or, to skip preparing it on every call, `kernels.prepare_codebook(codebook)`.
+    not necessarily x's) or, to skip preparing it on every call, `vq_kernels.prepare_codebook(codebook)`.
     See the module docstring for what `precision` ("exact" or "fast") guarantees and for non-finite rows.
     out: optional (indices, sq_dist) to write into, e.g. buffers that a CUDA graph captured.
     levels: optional int8 [N] that `exact` fills with the level that settled each row (0, 1 or 2).

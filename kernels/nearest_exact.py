@@ -1,4 +1,5 @@
-"""`exact` mode of the nearest-code search: the fp16 sweep of `kernels.nearest_pass`, then fp32 where it cannot decide.
+"""`exact` mode of the nearest-code search: the fp16 sweep of `vq_kernels.nearest_pass`, then fp32 where it cannot
+decide.
 
 The result is a nearest code up to fp32 rounding of the distances. Each score s'_k of the fp16 pass is within E of
 the score s_k of the fp32 centred operands, with
@@ -17,7 +18,7 @@ lower bound L on the score of every code outside the kept ones. Three levels set
                  across programs) rescores, by exact fp32 distance, every code whose fp16 score is within s1 + T;
                  `_finish_kernel` writes its answers.
 Between codes at the same fp32 distance (exact duplicates among them: they compute bit-identical distances), the
-lower index wins. With splits (few rows, many codes: `kernels.nearest_pass.search_splits`) each program keeps the
+lower index wins. With splits (few rows, many codes: `vq_kernels.nearest_pass.search_splits`) each program keeps the
 minima of its own range of codes, and `_merge_kernel` offers them all to one row's KEEP, as the sweep offers tiles,
 before settling the rows as above: what it turns away lowers the bound on the unkept codes, so the levels hold.
 """
@@ -28,8 +29,17 @@ import triton.language as tl
 
 from ._common import multiprocessors
 from .nearest_pass import (
-    Sweep, code_range, direct_sqdist, drain, program_rows, prune_configs, search_configs, staged,
-    sweep_turn, tile_dots, tile_min,
+    Sweep,
+    code_range,
+    direct_sqdist,
+    drain,
+    program_rows,
+    prune_configs,
+    search_configs,
+    staged,
+    sweep_turn,
+    tile_dots,
+    tile_min,
 )
 from .prepare_codebook import PreparedCodebook
 

@@ -4,20 +4,20 @@ Each program takes BLOCK_N rows of x and streams the codebook past them in BLOCK
 N x K distance matrix never exists in memory. Codes are ranked by the score s_k = |c_k - m|^2 - 2 (x - m).(c_k - m),
 the squared distance less |x - m|^2 (the same for every code of a row), with m the codebook mean: distances do not
 change, and the products shrink to the data's spread. The operands are the prepared codebook
-(`kernels.prepare_codebook`: centred, scaled by a power of two, fp16, zero-padded to whole tiles) and the rows,
+(`vq_kernels.prepare_codebook`: centred, scaled by a power of two, fp16, zero-padded to whole tiles) and the rows,
 centred, scaled by their own power of two (their largest entry in [2**13, 2**14)) and rounded to fp16 once, into
 a staging buffer from which they are read back (for D up to 256 they then stay in shared memory for the whole
 sweep; past that they are re-read in slices, from cache); products accumulate in fp32 and both scales come back
 out exactly (`program_rows`, the prologue of every search kernel). The sweep is skewed by one tile: turn t issues
 the MMA of tile t and, while it runs, scores tile t - 1 (`sweep_turn`; see `drain` and `_pinned` for how Triton is
-made to keep an MMA in flight across turns). `fast` keeps each row's smallest score; `kernels.nearest_exact` keeps
+made to keep an MMA in flight across turns). `fast` keeps each row's smallest score; `vq_kernels.nearest_exact` keeps
 more, to certify or rescore. The reported squared distance is always that of the chosen code, computed directly as
 sum((x - c)^2) in fp32 from the inputs as given, which has no cancellation (`direct_sqdist`).
 
 Few rows, many codes: a block of rows is one program, so 1,024 rows are 8 programs, and on a GPU of 132 SMs the
 sweep of a large codebook would keep 124 of them idle. Then each block of rows is swept by several programs
 (`search_splits`), each over one contiguous range of the codes; they write their rows' partial results, and a
-merge kernel combines them in code order (`_fast_merge_kernel`; `exact` mode's in `kernels.nearest_exact`).
+merge kernel combines them in code order (`_fast_merge_kernel`; `exact` mode's in `vq_kernels.nearest_exact`).
 
 fast: the code with the smallest fp16 score. Rounding the operands (relative error 2**-11 each) moves each score by
 up to about 2**-9 |x - m| |c_k - m|, so the chosen code's squared distance can exceed the nearest's by twice that.
@@ -31,8 +31,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune_configs, load_tile, multiprocessors, shared_memory_limit
-from .prepare_codebook import MAX_BLOCK_K, OPERAND_DTYPE, OPERAND_TOP, PreparedCodebook, feature_tile, pow2_below
+from ._common import (
+    INTERPRET,
+    autotune_configs,
+    load_tile,
+    multiprocessors,
+    shared_memory_limit,
+)
+from .prepare_codebook import (
+    MAX_BLOCK_K,
+    OPERAND_DTYPE,
+    OPERAND_TOP,
+    PreparedCodebook,
+    feature_tile,
+    pow2_below,
+)
 
 SLICE_D = tl.constexpr(32)  # features per step of the per-row passes: narrow, to keep their registers few
 # Splitting the codes over programs (search_splits): rows per program assumed when counting programs (the GPU

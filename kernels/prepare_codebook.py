@@ -15,7 +15,7 @@ The search multiplies on the tensor cores in fp16, and wants from the codebook [
            for the padding codes, which therefore never win.
   stats    [2**-g, C, R], fp32: the scale to undo, C = max_k |c_k - m| and R = max_k |operand_k 2**-g - (c_k - m)|,
            the norm of the largest rounding error, measured rather than assumed. `exact` mode's error bound reads
-           C and R (see `kernels.nearest_code`).
+           C and R (see `vq_kernels.nearest_code`).
 One reduction in PyTorch (the mean) and one Triton kernel, a single pass over K x D; ~6 MB at K = 4096, D = 256.
 
 Why fp16 and not bf16: the two have the same tensor-core rate, and 3 more significand bits make `exact` mode's

@@ -5,7 +5,9 @@ defining a ``@triton.jit`` kernel is imported, so the switch has to be thrown he
 ``kernels``.
 """
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +16,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+from vqvae.config import Config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -81,3 +85,147 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+# A valid value other than the default for every YAML key (cosine needs affine_reparam off; the stack's options
+# need layers), so that a key the config drops or the model ignores shows up as the default coming back.
+CHANGED_OPTIONS = {
+    "num_codes": 32, "decay": 0.9, "eps": 1e-4, "commitment_weight": 0.5, "backend": "torch", "precision": "fast",
+    "deterministic": True, "init": "kmeans++", "kmeans_init_iters": 3, "ema_warmup": False, "ema_warmup_steps": 50,
+    "ema_warmup_min_rows": 8, "fit_weight_steps": 4, "affine_reparam": False, "dead_code_threshold": 0.5,
+    "dead_code_memory": 10, "restart_count": 2.0, "restart_draws": "uniform", "codebook_dim": 8, "cosine": True,
+    "learning": "simvq", "codebook_weight": 0.5, "rotation_trick": True,
+    "num_quantizers": 2, "shared_codebook": True, "layer_dropout": True, "min_layers": 2,
+}
+
+
+@pytest.fixture
+def changed_options() -> dict:
+    """A valid value other than the default for every quantizer option that is a YAML key."""
+    return dict(CHANGED_OPTIONS)
+
+
+# -- the search's correctness: nearest within a justified tolerance (tests/kernels) ----------------------------
+
+def _fp16_operand(v, amax):
+    """v rounded as the kernels round their operands: scaled by the power of two that puts amax in [2**13, 2**14),
+    rounded to fp16, scaled back (in fp64)."""
+    scale = torch.exp2(14.0 - torch.frexp(amax.float()).exponent.double())
+    return (v * scale).half().double() / scale
+
+
+def _score_error_bound(x, codebook, precision):
+    """Per row: max over codes of |score computed as the kernel does - exact score| (from fp64)."""
+    x64, c64 = x.double(), codebook.double()
+    center = c64.mean(0)
+    xc, cc = x64 - center, c64 - center
+    exact = (cc * cc).sum(1)[None, :] - 2 * xc @ cc.T
+    if precision == "fast":
+        xc, cc = _fp16_operand(xc, xc.abs().amax(1, keepdim=True)), _fp16_operand(cc, cc.abs().amax())
+        approx = (c64 - center).square().sum(1)[None, :] - 2 * xc @ cc.T
+    else:
+        xc32, cc32 = xc.float(), cc.float()
+        approx = ((cc32 * cc32).sum(1)[None, :] - 2 * xc32 @ cc32.T).double()
+    return (approx - exact).abs().amax(dim=1)
+
+
+def _assert_nearest(x, codebook, indices, sq_dist, precision):
+    d64 = torch.cdist(x.double(), codebook.double()).square()
+    assert indices.dtype == torch.int64 and sq_dist.dtype == torch.float32
+    assert ((indices >= 0) & (indices < codebook.shape[0])).all(), "index out of range"
+    chosen = d64.gather(1, indices[:, None]).squeeze(1)
+    excess = chosen - d64.min(dim=1).values
+    # 2x: the chosen and the true nearest code can each be off by the bound; 2x again for accumulation order.
+    tolerance = 4 * _score_error_bound(x, codebook, precision) + 1e-9
+    worst = (excess - tolerance).argmax()
+    assert (excess <= tolerance).all(), f"row {worst}: {excess[worst]:.3g} farther than nearest, tol {tolerance[worst]:.3g}"
+    # The reported distance is the chosen code's, computed directly in fp32.
+    torch.testing.assert_close(sq_dist.double(), chosen, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def assert_nearest():
+    """assert_nearest(x, codebook, indices, sq_dist, precision): each chosen code is a nearest one, within twice
+    the worst score error the same arithmetic makes in plain PyTorch (fp32 scores for "exact", the fp16-rounded
+    operands' for "fast"), and the reported distance is the chosen code's."""
+    return _assert_nearest
+
+
+# -- tiny training runs (tests of the application) ----------------------------------------------------------------
+
+def _tiny_config(out_dir: Path, **train_overrides) -> Config:
+    cfg = Config()
+    cfg.data.source, cfg.data.image_size, cfg.data.crop_scale = "builtin", 32, 0.3
+    cfg.data.samples_per_epoch, cfg.data.val_samples, cfg.data.num_workers = 64, 8, 0
+    cfg.model.hidden_channels, cfg.model.residual_layers, cfg.model.residual_hidden = 16, 1, 8
+    cfg.model.embedding_dim, cfg.quantizer.num_codes = 16, 64
+    cfg.quantizer.decay = 0.9  # a short run: unused codes must die (and be re-seeded) within a few steps
+    cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps = 3e-3, 3e-4, 2
+    cfg.train.out_dir, cfg.train.batch_size, cfg.train.max_steps = str(out_dir), 8, 10
+    cfg.train.eval_every = cfg.train.ckpt_every = 1000
+    cfg.wandb.mode = "disabled"
+    for key, value in train_overrides.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def _read_metrics(run_dir: Path, prefix: str = "train/") -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if any(k.startswith(prefix) for k in r)]
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """tiny_config(out_dir, **train_overrides): a Config that trains a tiny VQ-VAE on the built-in images in seconds
+    (W&B off, no loader workers)."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def read_metrics():
+    """read_metrics(run_dir, prefix="train/"): the rows of the run's metrics.jsonl that hold keys with the prefix."""
+    return _read_metrics
+
+
+# -- quantizers in a known state ----------------------------------------------------------------------------------
+
+def _fixed_start(quantizer, seed: int = 0):
+    """The same trained state everywhere (taken over, past its warm-up: `Codebook.take_over_`), so that runs differ
+    only in how the data reaches the codebook."""
+    k, d = quantizer.num_codes, quantizer.codebook.dim
+    codes = torch.randn(k, d, generator=torch.Generator().manual_seed(seed))
+    quantizer.codebook.take_over_({"codes": codes, "cluster_size": torch.full((k,), 3.0), "embed_sum": codes * 3.0,
+                                   "initialized": torch.tensor(True)})
+    return quantizer
+
+
+@pytest.fixture(scope="session")
+def fixed_start():
+    """fixed_start(quantizer, seed=0): the quantizer with a trained state drawn from the seed (see _fixed_start)."""
+    return _fixed_start
+
+
+def _train_a_few_steps(module, x, steps: int = 3):
+    """A few training forwards, so that the state is no longer the constructor's; returns the module in eval."""
+    module.train()
+    for _ in range(steps):
+        module(x + 0.1 * torch.randn_like(x))
+    return module.eval()
+
+
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+@pytest.fixture(scope="session")
+def train_a_few_steps():
+    return _train_a_few_steps
+
+
+@pytest.fixture(scope="session")
+def assert_same_state():
+    """assert_same_state(a, b): the two modules' state dicts hold the same keys and bit-identical tensors."""
+    return _assert_same_state

@@ -1,11 +1,23 @@
 """The typed config: the shipped files load, mistakes name the key and where it came from, overrides apply."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
-from vqvae.config import (Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config,
-                          validate)
+from vqvae.checkpoint import save_checkpoint
+from vqvae.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    validate,
+)
+from vqvae.model import VQVAE, build_model
+from vqvae.resume import load_model
 from vqvae.train import parse_args
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -120,3 +132,47 @@ def test_defaults_are_valid():
     validate(cfg, "defaults")
     apply_overrides(cfg, ["data.source=folder", "data.path=/somewhere"])
     validate(cfg, "defaults")
+
+
+def _options_of(model) -> dict:
+    layer = model.quantizer.layers[0]
+    return {**dataclasses.asdict(model.quantizer.residual), **layer.options.as_dict()}
+
+
+def test_every_option_is_set_from_yaml_and_round_trips_through_a_checkpoint_and_save_pretrained(tmp_path,
+                                                                                                changed_options):
+    """One source for every quantizer option (vqvae/quantizer/options.py): each is a YAML key, reaches the
+    quantizer, and comes back unchanged through a checkpoint and a save_pretrained folder."""
+    cfg = load_config(write(tmp_path, yaml.safe_dump({
+        "model": {"embedding_dim": 16, "hidden_channels": 16, "residual_hidden": 8},
+        "quantizer": changed_options, "wandb": {"mode": "disabled"}})))
+    model = build_model(cfg)
+    built = _options_of(model)
+    assert {k: built[k] for k in changed_options} == changed_options
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": config_to_dict(cfg), "step": 0})
+    from_checkpoint, _, _ = load_model(tmp_path / "ckpt.pt")
+    assert _options_of(from_checkpoint) == built
+    model.save_pretrained(tmp_path / "pretrained")
+    assert _options_of(VQVAE.from_pretrained(tmp_path / "pretrained")) == built
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("ema_warmup_min_rows", -1, r"quantizer\.ema_warmup_min_rows must be an int >= 0, got -1"),
+    ("fit_weight_steps", 0, r"quantizer\.fit_weight_steps must be an int >= 1, got 0"),
+    ("cosine", True, r"quantizer\.affine_reparam and cosine exclude each other"),
+    ("backend", "cuda", r"quantizer\.backend must be one of"),
+    ("restart_count", 0, r"quantizer\.restart_count must be a float > 0\.0"),
+])
+def test_a_bad_option_in_yaml_names_its_key_and_file(tmp_path, key, value, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"quantizer": {key: value, **({"affine_reparam": True} if key == "cosine"
+                                                                  else {})}}))
+    with pytest.raises(ConfigError, match=message + r".* in .*bad\.yaml"):
+        load_config(path)
+
+
+def test_null_is_a_value_for_the_options_that_take_none(tmp_path):
+    cfg = load_config(write(tmp_path, "quantizer:\n  restart_count: null\n  codebook_dim: null\n"))
+    assert cfg.quantizer.restart_count is None and cfg.quantizer.codebook_dim is None
+    with pytest.raises(ConfigError, match="quantizer.decay"):
+        load_config(write(tmp_path, "quantizer:\n  decay: null\n"))

@@ -11,9 +11,22 @@ import torch
 from PIL import Image
 
 from vqvae.config import DataConfig
-from vqvae.data import (DataError, ImageDataset, ImageSource, ResumableBatchSampler, _HubRows, _identity,
-                        available_cpus, builtin_source, folder_source, hf_source, make_datasets, make_loader,
-                        split_source, usable_workers)
+from vqvae.data import (
+    DataError,
+    ImageDataset,
+    ImageSource,
+    ResumableBatchSampler,
+    _HubRows,
+    _identity,
+    available_cpus,
+    builtin_source,
+    folder_source,
+    hf_source,
+    make_datasets,
+    make_loader,
+    split_source,
+    usable_workers,
+)
 
 
 def save_image(path, mode: str, size=(40, 30)):

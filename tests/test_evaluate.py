@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-from tests.test_train import tiny_config
 from vqvae.checkpoint import save_checkpoint
 from vqvae.config import ConfigError, config_to_dict, validate
 from vqvae.evaluate import main as evaluate_main
@@ -67,7 +66,7 @@ def test_a_network_metric_without_weights_is_unavailable_naming_the_file_and_the
         QualityMeter(["fid"])
 
 
-def test_eval_metrics_and_image_size_are_checked_by_name(tmp_path):
+def test_eval_metrics_and_image_size_are_checked_by_name(tmp_path, tiny_config):
     cfg = tiny_config(tmp_path)
     cfg.train.eval_metrics = "lpips,fid"
     with pytest.raises(ConfigError, match="train.eval_metrics: unknown metric"):
@@ -78,7 +77,7 @@ def test_eval_metrics_and_image_size_are_checked_by_name(tmp_path):
         validate(cfg, "test")
 
 
-def _checkpoint(path, layers):
+def _checkpoint(tiny_config, path, layers):
     cfg = tiny_config(path.parent / "run")
     cfg.quantizer.num_quantizers = layers
     model = build_model(cfg).train()
@@ -88,8 +87,8 @@ def _checkpoint(path, layers):
     return path
 
 
-def test_two_checkpoints_side_by_side(tmp_path, capsys):
-    a, b = _checkpoint(tmp_path / "a.pt", 1), _checkpoint(tmp_path / "b.pt", 2)
+def test_two_checkpoints_side_by_side(tmp_path, capsys, tiny_config):
+    a, b = _checkpoint(tiny_config, tmp_path / "a.pt", 1), _checkpoint(tiny_config, tmp_path / "b.pt", 2)
     out = tmp_path / "eval"
     evaluate_main(["--checkpoint", str(a), str(b), "--out", str(out), "--batch-size", "3", "--worst", "4"])
     results = json.loads((out / "metrics.json").read_text())
@@ -126,11 +125,11 @@ def test_the_worst_images_are_those_with_the_largest_error(tmp_path):
     (["--checkpoint", "{folder}"], "{folder}"),
     (["--checkpoint", "{ckpt}", "--data.image_size=2"], "data.image_size (2) is too small"),
 ])
-def test_bad_input_is_named(tmp_path, capsys, args, message):
+def test_bad_input_is_named(tmp_path, capsys, args, message, tiny_config):
     folder = tmp_path / "not_a_model"
     folder.mkdir()
     (folder / "notes.txt").write_text("hello")
-    ckpt = _checkpoint(tmp_path / "a.pt", 1)
+    ckpt = _checkpoint(tiny_config, tmp_path / "a.pt", 1)
     args = [a.format(folder=folder, ckpt=ckpt) for a in args]
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main(args + ["--out", str(tmp_path / "eval")])
@@ -138,8 +137,7 @@ def test_bad_input_is_named(tmp_path, capsys, args, message):
     assert message.format(folder=folder) in capsys.readouterr().err
 
 
-def test_the_trainer_reports_ssim_and_says_once_why_lpips_is_missing(tmp_path, capsys):
-    from tests.test_train import read_metrics  # noqa: PLC0415
+def test_the_trainer_reports_ssim_and_says_once_why_lpips_is_missing(tmp_path, capsys, tiny_config, read_metrics):
     from vqvae.train import train  # noqa: PLC0415
 
     cfg = tiny_config(tmp_path / "run", max_steps=2, eval_every=2, eval_metrics="lpips",

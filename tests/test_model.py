@@ -11,7 +11,7 @@ from vqvae.model import build_model, stage_widths
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
 
-def tiny_config(num_downsamples: int = 2) -> Config:
+def model_config(num_downsamples: int = 2) -> Config:
     cfg = Config()
     cfg.data.image_size = 32
     cfg.model.hidden_channels, cfg.model.num_downsamples = 16, num_downsamples
@@ -35,12 +35,12 @@ def test_seed_config_gives_a_32_by_32_grid_of_4096_codes():
     codes = model.encode(images)
     assert codes.shape == (1, 32, 32) and codes.dtype == torch.int64
     assert int(codes.min()) >= 0 and int(codes.max()) < 4096
-    assert model.decode_codes(codes).shape == (1, 3, 128, 128)
+    assert model.decode(codes).shape == (1, 3, 128, 128)
 
 
 @pytest.mark.parametrize("num_downsamples, grid", [(1, 16), (2, 8), (3, 4)])
 def test_forward_shapes(num_downsamples, grid):
-    model = build_model(tiny_config(num_downsamples)).train()
+    model = build_model(model_config(num_downsamples)).train()
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     recon, q = model(images)
     assert recon.shape == images.shape
@@ -54,7 +54,7 @@ def test_stage_widths_double_up_to_the_hidden_width():
 
 
 def test_gradients_reach_the_encoder_through_the_quantizer():
-    model = build_model(tiny_config()).train()
+    model = build_model(model_config()).train()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     recon, q = model(images)
     ((recon - images).square().mean() + q.loss).backward()
@@ -64,30 +64,30 @@ def test_gradients_reach_the_encoder_through_the_quantizer():
 
 
 def test_encode_then_decode_codes_matches_the_forward_pass():
-    model = build_model(tiny_config())
+    model = build_model(model_config())
     images = torch.rand(4, 3, 32, 32) * 2 - 1
     trained_codebook(model, images)
     with torch.no_grad():
         recon, q = model(images)
     codes = model.encode(images)
     assert torch.equal(codes, q.indices)
-    torch.testing.assert_close(model.decode_codes(codes), recon)
+    torch.testing.assert_close(model.decode(codes), recon)
 
 
 def test_code_vectors_quantize_back_to_their_own_codes():
-    model = build_model(tiny_config())
+    model = build_model(model_config())
     trained_codebook(model, torch.rand(8, 3, 32, 32) * 2 - 1)
     codes = torch.randint(0, 64, (2, 8, 8))
-    vectors = model.quantizer.lookup(codes).permute(0, 3, 1, 2)
+    vectors = model.quantizer.decode(codes).permute(0, 3, 1, 2)
     with torch.no_grad():
         again = model.quantizer(vectors).indices
     # two codes may coincide only if the batch the codebook was seeded from repeated a vector
-    same = model.quantizer.codebook[again] == model.quantizer.codebook[codes]
+    same = model.quantizer.codebook.codes[again] == model.quantizer.codebook.codes[codes]
     assert same.all()
 
 
 def test_encode_never_moves_the_codebook_even_in_training_mode():
-    model = build_model(tiny_config())
+    model = build_model(model_config())
     images = torch.rand(4, 3, 32, 32) * 2 - 1
     trained_codebook(model, images).train()
     before = {k: v.clone() for k, v in model.quantizer.state_dict().items()}

@@ -14,16 +14,15 @@ import pytest
 import torch
 import yaml
 
-import vqvae.sync as sync_module
+import vqvae.quantizer.sync as sync_module
 import vqvae.train as train_module
 from vqvae.checkpoint import load_checkpoint
 from vqvae.config import Config, config_from_dict
 from vqvae.data import DataError, ResumableBatchSampler, make_datasets, make_loader
 from vqvae.distributed import Processes
 from vqvae.model import build_model
-from vqvae.train import evaluate, load_model
-
-from test_train import read_metrics
+from vqvae.quality import evaluate
+from vqvae.resume import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -60,7 +59,7 @@ def torchrun(config: Path, run_dir: Path, max_steps: int) -> str:
     return output
 
 
-def test_two_processes_train_write_once_and_resume_exactly(tmp_path):
+def test_two_processes_train_write_once_and_resume_exactly(tmp_path, read_metrics):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -87,7 +86,7 @@ def test_two_processes_train_write_once_and_resume_exactly(tmp_path):
     # the checkpoint holds the bare model (no DDP "module." prefix) and every rank's RNG states
     ckpt = load_checkpoint(straight / "ckpt_0000012.pt")
     assert not any(key.startswith("module.") for key in ckpt["model"])
-    assert bool(ckpt["model"]["quantizer.initialized"]) and ckpt["progress"]["world_size"] == WORLD
+    assert bool(ckpt["model"]["quantizer.codebook.initialized"]) and ckpt["progress"]["world_size"] == WORLD
     assert len(ckpt["rng_ranks"]) == WORLD
     assert not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"]), \
         "the ranks should draw different re-seed candidates"
@@ -95,7 +94,7 @@ def test_two_processes_train_write_once_and_resume_exactly(tmp_path):
     images = torch.stack([make_datasets(cfg.data, cfg.train.seed)[1][i] for i in range(4)])
     codes = model.encode(images)
     assert codes.shape == (4, 8, 8) and 0 <= int(codes.min()) and int(codes.max()) < 64
-    assert torch.isfinite(model.decode_codes(codes)).all()
+    assert torch.isfinite(model.decode(codes)).all()
 
     # stopped at step 6 and resumed to 12: every rank loads the checkpoint, its sampler position and its own RNG
     # stream, so the run repeats the straight one, dead-code re-seeds included

@@ -1,7 +1,6 @@
-"""VQ-VAE image tokenizer with a vector quantizer on Triton kernels (codes learned by EMA, by gradient or as SimVQ)."""
+"""A VQ-VAE image tokenizer whose vector quantizer runs on Triton kernels.
 
-from .quantizer import QuantizerOutput, VectorQuantizer, VectorQuantizerEMA
-from .residual import ResidualVectorQuantizer, ResidualVectorQuantizerEMA
-
-__all__ = ["QuantizerOutput", "ResidualVectorQuantizer", "ResidualVectorQuantizerEMA", "VectorQuantizer",
-           "VectorQuantizerEMA"]
+`vqvae.quantizer` is the quantizer as a library, for any model; the other modules are the VQ-VAE application built
+on it (model, data, config, the trainer and the commands `python -m vqvae.train | encode | evaluate | export`). The
+library never imports the application, and the kernels (`vq_kernels`, the folder kernels/) import neither.
+"""

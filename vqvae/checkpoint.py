@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
-# save_checkpoint's temporary files: ".<name>.pt.<host>.<pid>.tmp" (before the host was added: ".<name>.pt.<pid>.tmp")
-TMP_PATTERN = re.compile(r"^\.(?P<target>.+?\.pt)\.(?:(?P<host>.+)\.)?(?P<pid>\d+)\.tmp$")
+# save_checkpoint's temporary files: ".<name>.pt.<host>.<pid>.tmp"
+TMP_PATTERN = re.compile(r"^\.(?P<target>.+?\.pt)\.(?P<host>.+)\.(?P<pid>\d+)\.tmp$")
 BEST_NAME = "best.pt"
 
 
@@ -99,7 +99,7 @@ def remove_stale_temporaries(run_dir: str | Path) -> tuple[list[Path], list[Path
         m = TMP_PATTERN.match(path.name)
         if m is None:
             continue
-        written_here = m.group("host") in (None, host)
+        written_here = m.group("host") == host
         if written_here and not _process_alive(int(m.group("pid"))):
             path.unlink(missing_ok=True)
             removed.append(path)

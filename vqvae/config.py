@@ -15,7 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from vqvae.options import OptionError, QuantizerOptions, ResidualOptions, config_fields, renamed_options
+from vqvae.quantizer.options import (
+    OptionError,
+    QuantizerOptions,
+    ResidualOptions,
+    config_fields,
+)
 
 
 class ConfigError(ValueError):
@@ -52,7 +57,7 @@ class ModelConfig:
 
 
 def _options_section(name: str, *options_classes) -> type:
-    """A config section made of the YAML keys of options dataclasses (`vqvae.options`): their one source."""
+    """A config section made of the YAML keys of options dataclasses (`vqvae.quantizer.options`): their one source."""
     fields = [(f.name, f.type, field(default=f.default, metadata=f.metadata))
               for cls in options_classes for f in config_fields(cls)]
     return dataclasses.make_dataclass(name, fields)
@@ -164,8 +169,6 @@ def config_from_dict(raw: dict, source: str, check: bool = True) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}' in {source} must be a mapping, got {values!r}")
         sub = getattr(cfg, section)
-        if section == "quantizer":
-            values = renamed_options(values)
         for key, value in values.items():
             _set(sub, f"{section}.{key}", key, value, source)
     if check:

@@ -33,13 +33,13 @@ import torch
 from PIL import Image
 
 from vqvae.checkpoint import CheckpointError
+from vqvae.cli import autocast_context, parse_overrides, pick_device
 from vqvae.config import ConfigError, apply_overrides, config_to_dict, validate
 from vqvae.data import DataError, make_datasets, make_loader, to_uint8
-from vqvae.hub import PretrainedError
 from vqvae.images import reconstruction_grid
 from vqvae.model import VQVAE
-from vqvae.cli import autocast_context, parse_overrides, pick_device
-from vqvae.metrics import psnr
+from vqvae.quality import psnr
+from vqvae.quantizer.hub import PretrainedError
 from vqvae.resume import load_model
 
 
@@ -54,7 +54,7 @@ def encode_split(model, dataset, cfg, device, batch_size: int, num_recon: int):
             grid = model.encode(images)
             if kept < num_recon:
                 take = min(num_recon - kept, images.shape[0])
-                recons.append(model.decode_codes(grid[:take]).float().cpu())
+                recons.append(model.decode(grid[:take]).float().cpu())
                 originals.append(images[:take].cpu())
                 kept += take
         codes.append(grid.cpu())
@@ -63,7 +63,7 @@ def encode_split(model, dataset, cfg, device, batch_size: int, num_recon: int):
 
 
 def psnr_db(recons: torch.Tensor, originals: torch.Tensor) -> float:
-    """Mean PSNR of images in [-1, 1], on [0, 1] pixels (`vqvae.metrics.psnr`)."""
+    """Mean PSNR of images in [-1, 1], on [0, 1] pixels (`vqvae.quantizer.metrics.psnr`)."""
     return float(psnr(recons, originals).mean())
 
 
@@ -71,7 +71,7 @@ def psnr_db(recons: torch.Tensor, originals: torch.Tensor) -> float:
 def psnr_by_layers(model, codes: torch.Tensor, originals: torch.Tensor, device) -> list[float]:
     """Residual layers: the PSNR of the images decoded from the codes of the first 1, 2, ..., L layers."""
     grids = codes[:len(originals)].to(device)
-    return [psnr_db(model.decode_codes(grids[..., :layers]).float().cpu(), originals)
+    return [psnr_db(model.decode(grids[..., :layers]).float().cpu(), originals)
             for layers in range(1, codes.shape[-1] + 1)]
 
 

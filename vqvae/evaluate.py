@@ -33,10 +33,9 @@ from vqvae.cli import parse_overrides, pick_device
 from vqvae.config import ConfigError
 from vqvae.data import DataError, make_datasets, make_loader
 from vqvae.encode import load_tokenizer
-from vqvae.evaluation import score
-from vqvae.hub import PretrainedError
 from vqvae.images import reconstruction_grid, usage_histogram
-from vqvae.quality import NETWORK_METRICS, QualityMeter
+from vqvae.quality import NETWORK_METRICS, QualityMeter, score
+from vqvae.quantizer.hub import PretrainedError
 
 ROWS = [  # (figure, label, format) of the table, in its order
     ("images", "images", "{:.0f}"), ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),

@@ -7,7 +7,7 @@ normalisation layers.
 
 With `quantizer.num_quantizers` > 1 the quantizer is a `ResidualVectorQuantizer` and every code grid gains a
 trailing layer axis. `VQVAE.save_pretrained(folder)` / `VQVAE.from_pretrained(folder or repo id)` write and read the
-weights (model.safetensors) with the configuration beside them (config.json): see `vqvae.hub`.
+weights (model.safetensors) with the configuration beside them (config.json): see `vqvae.quantizer.hub`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 
 from vqvae.config import Config, config_from_dict, quantizer_options
-from vqvae.hub import HubMixin
 from vqvae.quantizer import QuantizerOutput, VectorQuantizer
-from vqvae.residual import ResidualQuantizerOutput, ResidualVectorQuantizer
+from vqvae.quantizer.hub import HubMixin
+from vqvae.quantizer.residual import ResidualQuantizerOutput, ResidualVectorQuantizer
 
 
 class ResidualBlock(nn.Module):
@@ -115,10 +115,10 @@ class VQVAE(nn.Module, HubMixin):
             self.quantizer.train(was_training)
 
     @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """code grid (B, h, w) int64 -> images (B, C, h * 2**n, w * 2**n), roughly in [-1, 1]. With residual
         layers the grid is (B, h, w, l): the codes of the first l layers, any l up to num_quantizers."""
-        z = self.quantizer.lookup(codes).permute(0, 3, 1, 2)
+        z = self.quantizer.decode(codes).permute(0, 3, 1, 2)
         dtype = next(self.decoder.parameters()).dtype
         return self.decoder(z.to(dtype).contiguous())
 
@@ -131,8 +131,7 @@ class VQVAE(nn.Module, HubMixin):
 
 
 def build_quantizer(cfg: Config) -> VectorQuantizer | ResidualVectorQuantizer:
-    """One VectorQuantizer (num_quantizers = 1: the state-dict keys of before residual layers existed), or
-    num_quantizers residual layers of it."""
+    """One VectorQuantizer (num_quantizers = 1), or a stack of num_quantizers residual layers of it."""
     if cfg.quantizer.num_quantizers == 1:
         return VectorQuantizer(**quantizer_kwargs(cfg))
     stack = dataclasses.asdict(quantizer_options(cfg.quantizer)[1])

@@ -15,13 +15,25 @@ from pathlib import Path
 
 import torch
 
-from vqvae.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, remove_stale_temporaries, rng_state,
-                              save_checkpoint)
-from vqvae.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, validate
-from vqvae.hub import state_mismatches
-from vqvae.metrics import CodeUsage
+from vqvae.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+)
+from vqvae.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    validate,
+)
 from vqvae.model import VQVAE, build_model
-from vqvae.rules import RULE_BUFFERS
+from vqvae.quantizer.hub import state_mismatches
+from vqvae.quantizer.metrics import CodeUsage
 
 
 @dataclass
@@ -59,8 +71,8 @@ def restore_state(ckpt: dict, model, optimizer, scheduler, usage: CodeUsage) -> 
     scheduler.load_state_dict(ckpt["scheduler"])
     progress = Progress(**ckpt["progress"])
     usage.step = progress.step
-    if ckpt.get("code_window_counts") is not None and ckpt["code_window_counts"].shape == usage.counts.shape:
-        usage.counts.copy_(ckpt["code_window_counts"])  # else (an older checkpoint, another window): start empty
+    if ckpt["code_window_counts"].shape == usage.counts.shape:
+        usage.counts.copy_(ckpt["code_window_counts"])  # else (another train.usage_window): start empty
     return progress
 
 
@@ -101,11 +113,11 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path, device, say=print) -> tup
 
 
 def check_resumable(ckpt: dict, model: torch.nn.Module, path: Path) -> None:
-    """The checkpoint's tensors must fit the configured model (names and shapes); anything else may change on
-    resuming (max_steps, the learning rate, the EMA decay...), though then the run no longer repeats an
-    uninterrupted one. The state of a codebook rule switched on or off in between is filled in or dropped."""
+    """The checkpoint's tensors must fit the configured model (names and shapes: a health rule with state of its
+    own, switched on or off, changes them); anything else may change on resuming (max_steps, the learning rate, the
+    EMA decay...), though then the run no longer repeats an uninterrupted one."""
     def shapes(state: dict) -> dict:
-        return {k: tuple(v.shape) for k, v in state.items() if k.rsplit(".", 1)[-1] not in RULE_BUFFERS}
+        return {k: tuple(v.shape) for k, v in state.items()}
 
     problems = state_mismatches(shapes(model.state_dict()), shapes(ckpt["model"]), strict=True)
     if problems:

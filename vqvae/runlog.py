@@ -81,7 +81,7 @@ class CollapseWatch:
             self.collapsed = True
             return (f"warning: step {step}: training perplexity {ppl:.1f} < {self.threshold:g}: the codebook is "
                     f"collapsing onto a few codes ({values['dead_codes']:.0f} dead, window perplexity "
-                    f"{values['window_perplexity']:.0f}); see the README on reading the codebook's health")
+                    f"{values['window_perplexity']:.0f}); see docs/codebook-health.md")
         if ppl >= self.threshold and self.collapsed:
             self.collapsed = False
             return f"step {step}: training perplexity back above {self.threshold:g} ({ppl:.1f})"

@@ -32,6 +32,7 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,19 +40,52 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vqvae.checkpoint import BEST_NAME, CheckpointError, checkpoint_path, prune_checkpoints
+from vqvae.checkpoint import (
+    BEST_NAME,
+    CheckpointError,
+    checkpoint_path,
+    prune_checkpoints,
+)
 from vqvae.cli import autocast_context, parse_overrides, pick_device
 from vqvae.config import Config, ConfigError, config_to_yaml, load_config
-from vqvae.data import DataError, available_cpus, make_datasets, make_loader, usable_workers
-from vqvae.distributed import (Processes, barrier, gather_rng_states, main_process_first, mean_over_ranks, restore_rng,
-                               start_processes, stop_processes, wrap_model)
-from vqvae.evaluation import evaluate, quality_meter, recon_loss_fn
+from vqvae.data import (
+    DataError,
+    available_cpus,
+    make_datasets,
+    make_loader,
+    usable_workers,
+)
+from vqvae.distributed import (
+    Processes,
+    barrier,
+    gather_rng_states,
+    main_process_first,
+    mean_over_ranks,
+    restore_rng,
+    start_processes,
+    stop_processes,
+    wrap_model,
+)
 from vqvae.images import reconstruction_grid, usage_histogram
-from vqvae.metrics import CodeUsage
 from vqvae.model import VQVAE, build_model, count_parameters
-from vqvae.resume import (Progress, check_resumable, clean_run_dir, find_resume_checkpoint,  # noqa: F401
-                          load_model, restore_state, save_state)  # load_model: re-exported for older callers
-from vqvae.runlog import CollapseWatch, log, open_metrics, postfix, print_summary, start_wandb
+from vqvae.quality import QualityMeter, evaluate, quality_meter, recon_loss_fn
+from vqvae.quantizer.metrics import CodeUsage
+from vqvae.resume import (
+    Progress,
+    check_resumable,
+    clean_run_dir,
+    find_resume_checkpoint,
+    restore_state,
+    save_state,
+)
+from vqvae.runlog import (
+    CollapseWatch,
+    log,
+    open_metrics,
+    postfix,
+    print_summary,
+    start_wandb,
+)
 
 # ---- setup ----
 
@@ -67,7 +101,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
 
 
 def _is_codebook_parameter(name: str) -> bool:
-    return ".book." in f".{name}"
+    return ".codebook." in f".{name}"
 
 
 class WarmupCosine:
@@ -195,14 +229,15 @@ def evaluate_and_log(model, val_loader, meter, cfg: Config, device, run_dir: Pat
     grid = reconstruction_grid(*sample)
     grid_path = run_dir / f"recon_{step:07d}.png"
     grid.save(grid_path)
-    activity = torch.cat([book.activity() for book in model.quantizer.codebooks()])  # what deadness reads
+    activity = torch.cat([codebook.activity() for codebook in model.quantizer.codebooks()])  # what deadness reads
     hist = usage_histogram(activity, cfg.quantizer.dead_code_threshold)
     hist.save(run_dir / f"usage_{step:07d}.png")  # in the run folder too: W&B may be off or never synced
     log(metrics_file, run, step, {f"val/{k}": v for k, v in metrics.items()},
         images={"val/reconstructions": grid, "val/codebook_usage": hist})
     extra = "".join(f"  {k} {metrics[k]:.4f}" for k in ("lpips", "rfid") if k in metrics)
     bar.write(f"step {step}: val recon {metrics['recon_loss']:.4f}  psnr {metrics['psnr']:.2f} dB  "
-              f"ssim {metrics['ssim']:.4f}{extra}  perplexity {metrics['perplexity']:.1f}  usage {metrics['usage']:.0%}  -> {grid_path}")
+              f"ssim {metrics['ssim']:.4f}{extra}  perplexity {metrics['perplexity']:.1f}  "
+              f"usage {metrics['usage']:.0%}  -> {grid_path}")
     return metrics, grid_path
 
 
@@ -230,18 +265,62 @@ def train(cfg: Config) -> dict:
         stop_processes(procs)
 
 
+@dataclass
+class Run:
+    """What a training run works with, as `fit` sets it up."""
+
+    model: VQVAE  # the bare model: evaluation and checkpoints use it
+    parallel_model: torch.nn.Module  # what train_step runs: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    usage: CodeUsage
+    progress: Progress
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None  # rank 0 alone evaluates
+    meter: QualityMeter | None
+
+
 def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
+    """The run, top to bottom: resume or start, set up, train step by step, evaluate and save on schedule."""
     say = print if procs.main else _quiet  # rank 0 speaks for every process
     run_dir = Path(cfg.train.out_dir)
     # every rank finds the same checkpoint: nothing is writing yet
     resume_from, ckpt = find_resume_checkpoint(cfg, run_dir, device, say)
     say(config_to_yaml(cfg), end="")
+    train_set, val_set = load_data(cfg, procs, run_dir)
+    run = set_up(cfg, device, procs, ckpt, resume_from, train_set, val_set, say)
+    # A finished run has nothing to log: starting W&B would only add an empty offline folder. Otherwise the
+    # checkpoint's wandb_id resumes the same W&B run (a new offline folder with the same id, which wandb sync
+    # uploads into that run after the first).
+    has_work = run.progress.step < cfg.train.max_steps
+    wandb_run = start_wandb(cfg, run_dir, run.progress.wandb_id) if procs.main and has_work else None
+    run.progress.wandb_id = wandb_run.id if wandb_run is not None else run.progress.wandb_id
+    if ckpt is not None:
+        restore_rng(ckpt, procs, cfg.train.seed)  # last, after everything above that may draw random numbers
+        del ckpt
+    elif procs.distributed:
+        # from here on each rank draws its own dead-code re-seed candidates (the quantizer sums them over ranks)
+        torch.manual_seed(cfg.train.seed + procs.rank)
+    summary = train_steps(run, cfg, device, procs, run_dir, wandb_run)
+    if procs.main:
+        print_summary(summary)
+    return summary
+
+
+def load_data(cfg: Config, procs: Processes, run_dir: Path):
+    """The training and validation sets (first: a missing dataset should fail fast), and the run folder."""
     with main_process_first(procs):
-        train_set, val_set = make_datasets(cfg.data, cfg.train.seed)  # first: a missing dataset should fail fast
+        train_set, val_set = make_datasets(cfg.data, cfg.train.seed)
     if procs.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         clean_run_dir(run_dir)  # rank 0 alone writes checkpoints, so it alone clears what a killed writer left
+    return train_set, val_set
 
+
+def set_up(cfg: Config, device: torch.device, procs: Processes, ckpt: dict | None, resume_from: Path | None,
+           train_set, val_set, say) -> Run:
+    """The model, optimizer, scheduler and usage window (from the checkpoint when resuming), the loaders and the
+    quality meter, each announced."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
@@ -249,14 +328,7 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
     usage = CodeUsage(counted_codes(cfg), cfg.train.usage_window, device)
     progress = Progress(world_size=procs.world_size)
     if ckpt is not None:
-        check_resumable(ckpt, model, resume_from)
-        progress = restore_state(ckpt, model, optimizer, scheduler, usage)
-        say(f"resumed from {resume_from} at step {progress.step}")
-        if progress.world_size != procs.world_size:
-            say(f"note: the checkpoint was written by {progress.world_size} process(es), this run has "
-                f"{procs.world_size}; train.batch_size is per process, so the global batch and the data order "
-                f"from here on differ from the original run's")
-            progress.world_size = procs.world_size
+        progress = resume(ckpt, resume_from, model, optimizer, scheduler, usage, procs, say)
 
     pin = device.type == "cuda"
     if usable_workers(cfg.data.num_workers) < cfg.data.num_workers:  # make_loader lowers it
@@ -271,35 +343,50 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
         say(f"train.eval_metrics: {metric} {why}")
     say(f"device {device}; model {count_parameters(model) / 1e6:.2f}M parameters; data {train_set.source.name}: "
         f"{len(train_set.source)} training / {len(val_set.source)} validation images, "
-        f"{len(train_set)} / {len(val_set)} samples per epoch; run folder {run_dir}")
-    images_per_step = cfg.train.batch_size * procs.world_size * cfg.train.grad_accum
-    if warning := dead_code_warning(cfg, images_per_step):
-        say(warning)
-    if procs.distributed:
-        say(f"distributed: {procs.world_size} processes ({dist.get_backend()}); train.batch_size is per process: "
-            f"global batch = {cfg.train.batch_size} x {procs.world_size} processes x {cfg.train.grad_accum} "
-            f"grad_accum = {images_per_step} images per step; rank 0 logs, evaluates and writes checkpoints")
+        f"{len(train_set)} / {len(val_set)} samples per epoch; run folder {Path(cfg.train.out_dir)}")
+    announce_batch(cfg, procs, say)
     if cfg.train.compile:
         # the convolutions are what compiling speeds up; the quantizer's kernels are Triton already, and its
         # first-batch initialisation and accumulate() switch on host-side state, so it stays eager
         model.encoder.compile()
         model.decoder.compile()
-    parallel_model = wrap_model(model, device, procs)  # what train_step runs; evaluation and saving use model
-    # A finished run has nothing to log: starting W&B would only add an empty offline folder. Otherwise the
-    # checkpoint's wandb_id resumes the same W&B run (a new offline folder with the same id, which wandb sync
-    # uploads into that run after the first).
-    has_work = progress.step < cfg.train.max_steps
-    run = start_wandb(cfg, run_dir, progress.wandb_id) if procs.main and has_work else None
-    progress.wandb_id = run.id if run is not None else progress.wandb_id
-    if ckpt is not None:
-        restore_rng(ckpt, procs, cfg.train.seed)  # last, after everything above that may draw random numbers
-        del ckpt
-    elif procs.distributed:
-        # from here on each rank draws its own dead-code re-seed candidates (the quantizer sums them over ranks)
-        torch.manual_seed(cfg.train.seed + procs.rank)
+    parallel_model = wrap_model(model, device, procs)
+    return Run(model, parallel_model, optimizer, scheduler, usage, progress, loader, val_loader, meter)
 
+
+def resume(ckpt: dict, path: Path, model, optimizer, scheduler, usage: CodeUsage, procs: Processes, say) -> Progress:
+    """The training state of the checkpoint, after checking that it fits the configured model."""
+    check_resumable(ckpt, model, path)
+    progress = restore_state(ckpt, model, optimizer, scheduler, usage)
+    say(f"resumed from {path} at step {progress.step}")
+    if progress.world_size != procs.world_size:
+        say(f"note: the checkpoint was written by {progress.world_size} process(es), this run has "
+            f"{procs.world_size}; train.batch_size is per process, so the global batch and the data order "
+            f"from here on differ from the original run's")
+        progress.world_size = procs.world_size
+    return progress
+
+
+def images_per_step(cfg: Config, procs: Processes) -> int:
+    return cfg.train.batch_size * procs.world_size * cfg.train.grad_accum
+
+
+def announce_batch(cfg: Config, procs: Processes, say) -> None:
+    """The global batch, and a dead-code threshold that the batch makes too high."""
+    if warning := dead_code_warning(cfg, images_per_step(cfg, procs)):
+        say(warning)
+    if procs.distributed:
+        say(f"distributed: {procs.world_size} processes ({dist.get_backend()}); train.batch_size is per process: "
+            f"global batch = {cfg.train.batch_size} x {procs.world_size} processes x {cfg.train.grad_accum} "
+            f"grad_accum = {images_per_step(cfg, procs)} images per step; rank 0 logs, evaluates and writes "
+            f"checkpoints")
+
+
+def train_steps(run: Run, cfg: Config, device: torch.device, procs: Processes, run_dir: Path, wandb_run) -> dict:
+    """Train from the run's step to train.max_steps; returns the summary."""
+    progress = run.progress
     metrics_file = open_metrics(run_dir, progress.step) if procs.main else None
-    batches = iter(loader)
+    batches = iter(run.loader)
     start_step, first, recent, last_eval, written = progress.step, None, [], {}, []
     collapse = CollapseWatch()
     bar = tqdm(total=cfg.train.max_steps, initial=progress.step, dynamic_ncols=True, mininterval=0.5, desc="train",
@@ -307,74 +394,85 @@ def fit(cfg: Config, device: torch.device, procs: Processes) -> dict:
     t_start = t_last = time.perf_counter()
     try:
         while progress.step < cfg.train.max_steps:
-            lr = scheduler.get_last_lr()[0]
-            out = train_step(parallel_model, batches, optimizer, scheduler, cfg, device, usage)
+            lr = run.scheduler.get_last_lr()[0]
+            out = train_step(run.parallel_model, batches, run.optimizer, run.scheduler, cfg, device, run.usage)
             progress.step += 1
             progress.batches_drawn += cfg.train.grad_accum
-            usage.advance()
+            run.usage.advance()
             step = progress.step
             # the mean over ranks, so that every rank sees the same numbers (and stops together on a NaN)
             stacked = mean_over_ranks(torch.stack([v.float() for v in out.values()]), procs)
             values = dict(zip(out, stacked.tolist()))  # one sync a step
             now = time.perf_counter()
-            values.update(lr=lr, images_per_sec=images_per_step / (now - t_last))
+            values.update(lr=lr, images_per_sec=images_per_step(cfg, procs) / (now - t_last))
             t_last = now
-            if not (math.isfinite(values["recon_loss"]) and math.isfinite(values["vq_loss"])):
-                raise FloatingPointError(f"non-finite loss at step {step} (recon {values['recon_loss']}, vq "
-                                         f"{values['vq_loss']}); the checkpoints in {run_dir} are intact. "
-                                         f"Try a lower optim.lr or optim.grad_clip")
+            check_finite(values, step, run_dir)
             first = first or values
             recent = (recent + [values["recon_loss"]])[-20:]
             if procs.main:
-                log(metrics_file, run, step, {f"train/{k}": v for k, v in values.items()})
+                log(metrics_file, wandb_run, step, {f"train/{k}": v for k, v in values.items()})
                 if (line := collapse.check(step, values)) is not None:
                     bar.write(line)
             bar.update(1)
             bar.set_postfix_str(postfix(values))
-
-            evaluate_now = step % cfg.train.eval_every == 0 or step == cfg.train.max_steps
-            save_now = step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps
-            if not (evaluate_now or save_now):
-                continue
-            rng_ranks = gather_rng_states(procs)  # a collective: every rank takes part
-            if procs.main:
-                if evaluate_now:
-                    # the bare model in eval mode: the quantizer neither learns nor all-reduces, so rank 0
-                    # makes no collective call while the others wait
-                    last_eval, grid_path = evaluate_and_log(model, val_loader, meter, cfg, device, run_dir, step,
-                                                            metrics_file, run, bar)
-                    written.append(grid_path)
-                    if last_eval["recon_loss"] < progress.best_val:
-                        progress.best_val = last_eval["recon_loss"]
-                        save_state(run_dir / BEST_NAME, model, optimizer, scheduler, cfg, progress, usage,
-                                   rng_ranks)
-                if save_now:
-                    path = checkpoint_path(run_dir, step)
-                    save_state(path, model, optimizer, scheduler, cfg, progress, usage, rng_ranks)
-                    prune_checkpoints(run_dir, cfg.train.keep_last)
-                    written.append(path)
-            # The others wait for rank 0 here. Without the barrier they would wait inside the next step's
-            # all-reduce instead (no deadlock, since evaluation makes no collective call, but a wait hidden in a
-            # training step); and after the last step, no process returns before the run's files are complete.
-            # Either way an evaluation must finish within the process group's timeout (torch's default: 10 min
-            # on NCCL, 30 on gloo): train.eval_batches bounds it.
-            barrier(procs)
+            evaluated = evaluate_and_save(run, cfg, device, procs, run_dir, step, metrics_file, wandb_run, bar,
+                                          written)
+            last_eval = evaluated if evaluated is not None else last_eval
     finally:
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
-        if run is not None:
-            run.finish()
+        if wandb_run is not None:
+            wandb_run.finish()
 
-    summary = {"steps": progress.step - start_step, "final_step": progress.step,
-               "seconds": time.perf_counter() - t_start,
-               "first_recon_loss": first["recon_loss"] if first else None,
-               "last_recon_loss": sum(recent) / len(recent) if recent else None,
-               "val": last_eval, "run_dir": str(run_dir), "files": [str(p) for p in written if p.exists()],
-               "wandb_dir": str(run_dir / "wandb") if run is not None else None, "wandb_mode": cfg.wandb.mode}
+    return {"steps": progress.step - start_step, "final_step": progress.step,
+            "seconds": time.perf_counter() - t_start,
+            "first_recon_loss": first["recon_loss"] if first else None,
+            "last_recon_loss": sum(recent) / len(recent) if recent else None,
+            "val": last_eval, "run_dir": str(run_dir), "files": [str(p) for p in written if p.exists()],
+            "wandb_dir": str(run_dir / "wandb") if wandb_run is not None else None, "wandb_mode": cfg.wandb.mode}
+
+
+def check_finite(values: dict, step: int, run_dir: Path) -> None:
+    if not (math.isfinite(values["recon_loss"]) and math.isfinite(values["vq_loss"])):
+        raise FloatingPointError(f"non-finite loss at step {step} (recon {values['recon_loss']}, vq "
+                                 f"{values['vq_loss']}); the checkpoints in {run_dir} are intact. "
+                                 f"Try a lower optim.lr or optim.grad_clip")
+
+
+def evaluate_and_save(run: Run, cfg: Config, device, procs: Processes, run_dir: Path, step: int, metrics_file,
+                      wandb_run, bar, written: list) -> dict | None:
+    """At train.eval_every and train.ckpt_every (and the last step): rank 0 evaluates (keeping the best) and
+    writes the checkpoint; every rank waits for it. Returns the evaluation's figures, if one ran."""
+    evaluate_now = step % cfg.train.eval_every == 0 or step == cfg.train.max_steps
+    save_now = step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps
+    if not (evaluate_now or save_now):
+        return None
+    figures = None
+    rng_ranks = gather_rng_states(procs)  # a collective: every rank takes part
     if procs.main:
-        print_summary(summary)
-    return summary
+        state = (run.model, run.optimizer, run.scheduler, cfg, run.progress, run.usage, rng_ranks)
+        if evaluate_now:
+            # the bare model in eval mode: the quantizer neither learns nor all-reduces, so rank 0 makes no
+            # collective call while the others wait
+            figures, grid_path = evaluate_and_log(run.model, run.val_loader, run.meter, cfg, device, run_dir, step,
+                                                  metrics_file, wandb_run, bar)
+            written.append(grid_path)
+            if figures["recon_loss"] < run.progress.best_val:
+                run.progress.best_val = figures["recon_loss"]
+                save_state(run_dir / BEST_NAME, *state)
+        if save_now:
+            path = checkpoint_path(run_dir, step)
+            save_state(path, *state)
+            prune_checkpoints(run_dir, cfg.train.keep_last)
+            written.append(path)
+    # The others wait for rank 0 here. Without the barrier they would wait inside the next step's all-reduce
+    # instead (no deadlock, since evaluation makes no collective call, but a wait hidden in a training step); and
+    # after the last step, no process returns before the run's files are complete. Either way an evaluation must
+    # finish within the process group's timeout (torch's default: 10 min on NCCL, 30 on gloo):
+    # train.eval_batches bounds it.
+    barrier(procs)
+    return figures
 
 
 def _quiet(*args, **kwargs) -> None:

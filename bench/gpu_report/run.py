@@ -8,6 +8,7 @@ how each ended, and write and print report.md.
 """
 
 import argparse
+import importlib.util
 import os
 import signal
 import subprocess
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     site = install_wheels(Path(args.wheels), out)
     runs = [StageRun(s.name, stage_command(s.name, out, args.smoke, s.limit(args.smoke)), s.limit(args.smoke))
             for s in selected]
-    results = run_stages(runs, out, child_environment(site))
+    results = run_stages(runs, out, child_environment(site, link_kernels(out)))
     text = markdown.report(record.load(out))
     (out / "report.md").write_text(text)
     print(text)
@@ -141,12 +142,23 @@ def install_wheels(folder: Path, out: Path) -> str | None:
     return None if error else target
 
 
-def child_environment(site: str | None) -> dict:
-    """The stages' environment: unbuffered output (a killed stage's log is complete up to its end), and the
-    installed wheels ahead of everything on PYTHONPATH."""
+def link_kernels(out: Path) -> str | None:
+    """The folder kernels/ installs as the package vq_kernels (pyproject.toml). In a checkout that is not installed
+    (`pip install --no-deps -e .` makes it so), a temporary folder holding a link vq_kernels -> kernels/ stands in,
+    for the stages' PYTHONPATH; None when vq_kernels imports already."""
+    if importlib.util.find_spec("vq_kernels") is not None:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="gpu_report_kernels_"))
+    (folder / "vq_kernels").symlink_to(ROOT / "kernels", target_is_directory=True)
+    record.update(out, "run", vq_kernels=f"not installed: {folder / 'vq_kernels'} links to the checkout's kernels/")
+    return str(folder)
+
+
+def child_environment(*paths: str | None) -> dict:
+    """The stages' environment: unbuffered output (a killed stage's log is complete up to its end), and `paths`
+    (the installed wheels, the kernels' link) ahead of everything on PYTHONPATH."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if site:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
     return env
 
 

@@ -102,9 +102,9 @@ def project_origin() -> dict:
     """Where `kernels` and `vqvae` were imported from, and how: the checkout on PYTHONPATH, the checkout as the
     working directory, or an install (pyproject.toml requires wandb, which the GPU image lacks, so there the project
     runs from PYTHONPATH or is installed with --no-deps)."""
-    import kernels  # noqa: PLC0415
+    import vq_kernels  # noqa: PLC0415
 
-    source = Path(kernels.__file__).resolve().parent.parent
+    source = Path(vq_kernels.__file__).resolve().parent.parent
     # An egg-info that a build left in the checkout is found on the working directory's path too: not an install.
     installs = [dist for dist in importlib.metadata.distributions(name="vqvae-triton")
                 if Path(dist.locate_file("")).resolve() != ROOT]
@@ -129,20 +129,20 @@ def project_origin() -> dict:
 # host synchronisation in a training step, deterministic mode bit-equal across runs, the EMA kernels against the
 # reference, `exact` against fp64 and `fast` within its stated bound, the quantizer's backends agreeing.
 GPU_TESTS = (
-    "tests/test_quantizer_scaleout.py::test_a_training_step_never_waits_on_the_device",
-    "tests/test_quantizer.py::test_deterministic_triton_training_is_bit_identical",
-    "tests/test_ema_update.py",
-    "tests/test_nearest_code.py",
-    "tests/test_quantizer.py::test_backends_agree_over_training_steps",
-    "tests/test_quantizer.py::test_ema_follows_the_reference_update",
+    "tests/quantizer/test_vector_quantizer.py::test_a_training_step_never_waits_on_the_device",
+    "tests/quantizer/test_vector_quantizer.py::test_deterministic_triton_training_is_bit_identical",
+    "tests/kernels/test_ema_update.py",
+    "tests/kernels/test_nearest_code.py",
+    "tests/quantizer/test_vector_quantizer.py::test_backends_agree_over_training_steps",
+    "tests/quantizer/test_vector_quantizer.py::test_ema_follows_the_reference_update",
 )
 # A handful of the same under the interpreter: seconds each.
 SMOKE_TESTS = (
-    "tests/test_quantizer_scaleout.py::test_a_training_step_never_waits_on_the_device",
-    "tests/test_quantizer.py::test_deterministic_triton_training_is_bit_identical",
-    "tests/test_ema_update.py::test_ema_update_matches_reference",
-    "tests/test_nearest_code.py::test_exact_resolves_duplicated_codes_to_the_lowest_index",
-    "tests/test_nearest_code.py::test_fast_returns_a_copy_of_a_nearest_code",
+    "tests/quantizer/test_vector_quantizer.py::test_a_training_step_never_waits_on_the_device",
+    "tests/quantizer/test_vector_quantizer.py::test_deterministic_triton_training_is_bit_identical",
+    "tests/kernels/test_ema_update.py::test_ema_update_matches_reference",
+    "tests/kernels/test_nearest_code.py::test_exact_resolves_duplicated_codes_to_the_lowest_index",
+    "tests/kernels/test_nearest_code.py::test_fast_returns_a_copy_of_a_nearest_code",
 )
 PYTEST_WORKERS = 8  # on the GPU machine's 16 cores, with pytest-xdist: Triton's compilations run side by side
 
@@ -245,7 +245,7 @@ SWEEP_N, SWEEP_KS, SWEEP_DS = 65536, (4096, 16384, 65536, 262144), (256, 32, 8)
 SMOKE_SWEEP_N, SMOKE_SWEEP_KS, SMOKE_SWEEP_DS = 256, (64, 256), (8,)  # a few seconds a case interpreted
 SWEEP_PROVIDERS = ("triton-fast", "triton-exact")
 # Then the search for few rows against many codes (one image a call), where it splits the codes over programs
-# (`kernels.nearest_pass.search_splits`); after the sweep, so that a stage cut short keeps the sweep.
+# (`vq_kernels.nearest_pass.search_splits`); after the sweep, so that a stage cut short keeps the sweep.
 FEW_ROWS_N, FEW_ROWS_KS, FEW_ROWS_DS = 1024, (65536, 262144), (256, 8)
 SMOKE_FEW_ROWS_N, SMOKE_FEW_ROWS_KS, SMOKE_FEW_ROWS_DS = 16, (4096,), (8,)  # 2 splits under the interpreter
 STEP_SWEEP_PROVIDERS = ("triton-exact", "vector-quantize-pytorch", "torch")

@@ -1,4 +1,4 @@
-"""The GPU targets of issue 21, judged from a report: each with its figure and "met" or "missed" on a GPU, "no GPU"
+"""The project's GPU targets, judged from a report: each with its figure and "met" or "missed" on a GPU, "no GPU"
 elsewhere (a CPU's figures, the interpreter's above all, say nothing about them), "not measured" where the report
 lacks the figure."""
 

@@ -34,7 +34,7 @@ TRAIN_ARGS = ("--config", "config/vqvae_naruto.yaml", "--data.source=builtin", "
 # --smoke: a model and batch small enough that a CPU runs several steps a second
 SMOKE_ARGS = ("--data.image_size=32", "--data.num_workers=0", "--data.samples_per_epoch=64", "--data.val_samples=4",
               "--model.hidden_channels=16", "--model.residual_hidden=8", "--model.embedding_dim=16",
-              "--quantizer.num_codes=64", "--quantizer.kmeans_iters=1")
+              "--quantizer.num_codes=64", "--quantizer.kmeans_init_iters=1")
 SUMMARY_MARGIN_S = 15.0  # training stops this long before the stage's limit, to read and write its figures
 SMOKE_TRAIN_S = 5.0  # --smoke trains this long after its first step: the same way out as on the GPU, in seconds
 WARMUP_STEPS = 10  # left out of the medians: the first batch's codebook initialisation, autotuning, allocation
@@ -111,15 +111,15 @@ class QuantizerProbe:
 def train_and_measure(ctx: Context) -> None:
     """Train until the stage's clock says stop, then record the figures (those of the steps done so far, should the
     trainer fail)."""
-    from vqvae.quantizer import VectorQuantizerEMA  # noqa: PLC0415
-    from vqvae.residual import ResidualVectorQuantizerEMA  # noqa: PLC0415
+    from vqvae.quantizer import VectorQuantizer  # noqa: PLC0415
+    from vqvae.quantizer.residual import ResidualVectorQuantizer  # noqa: PLC0415
 
     batch = SMOKE_BATCH if ctx.smoke else BATCH
     run_dir = Path(tempfile.mkdtemp(prefix="gpu_report_train_"))
     argv = [*TRAIN_ARGS, *(SMOKE_ARGS if ctx.smoke else ()), f"--train.batch_size={batch}",
             f"--train.out_dir={run_dir}"]
     record.update(ctx.out, "training", command="python -m vqvae.train " + " ".join(argv), batch=batch)
-    probe = QuantizerProbe((VectorQuantizerEMA, ResidualVectorQuantizerEMA), ctx.deadline - SUMMARY_MARGIN_S,
+    probe = QuantizerProbe((VectorQuantizer, ResidualVectorQuantizer), ctx.deadline - SUMMARY_MARGIN_S,
                            train_s=SMOKE_TRAIN_S if ctx.smoke else float("inf"))
     stopped = "the trainer failed (training.log)"
     try:
