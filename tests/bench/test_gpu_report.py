@@ -3,6 +3,7 @@ its report has a row for every stage, provider and target, and a stage that fail
 the others. No timing is checked here: the CPU's figures mean nothing."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,15 @@ def test_a_partial_run_still_runs_the_environment_stage_first():
     assert [s.name for s in run.selected_stages("")] == [s.name for s in STAGES]
     with pytest.raises(ValueError, match="unknown stage 'swept'"):
         run.selected_stages("swept")
+
+
+def test_an_uninstalled_checkout_gets_its_kernels_linked_under_their_import_name(tmp_path, monkeypatch):
+    """The GPU machine may run the report from a checkout that pip never installed: kernels/ must still import as
+    vq_kernels in every stage (checked for real in a venv without the project installed: the environment stage
+    imported vq_kernels through the link)."""
+    assert run.link_kernels(tmp_path) is None, "installed here: nothing to link"
+    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: None)  # as if not installed
+    folder = run.link_kernels(tmp_path)
+    assert (Path(folder) / "vq_kernels").resolve() == ROOT / "kernels"
+    assert folder in run.child_environment(None, folder)["PYTHONPATH"].split(os.pathsep)
+    assert "links to the checkout's kernels/" in record.load(tmp_path)["run"]["vq_kernels"]
