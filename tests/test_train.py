@@ -325,21 +325,6 @@ def test_encode_writes_code_grids_that_decode_to_the_reconstructions(tmp_path, c
     torch.testing.assert_close(model.decode(grid), recon)
 
 
-def test_window_figures_count_the_codes_of_the_last_steps_only():
-    usage = train_module.CodeUsage(num_codes=6, window=3, device=torch.device("cpu"))
-    steps = [[0, 0, 1], [2, -1], [3, 3, 3, 3], [4]]  # -1: a non-finite vector, no code
-    seen = []
-    for codes in steps:
-        usage.update(torch.tensor(codes))
-        seen.append((usage.totals().tolist(), usage.fraction().item(), usage.perplexity().item()))
-        usage.advance()
-    assert seen[2][0] == [2, 1, 1, 4, 0, 0]  # the first three steps
-    assert seen[3][0] == [0, 0, 1, 4, 1, 0]  # the first step has left the window
-    assert abs(seen[3][1] - 3 / 6) < 1e-7
-    probs = torch.tensor([1, 4, 1]) / 6
-    assert abs(seen[3][2] - torch.exp(-(probs * probs.log()).sum()).item()) < 1e-5
-
-
 def test_a_collapse_is_announced_once_and_so_is_the_recovery():
     watch = train_module.CollapseWatch()
     values = {"perplexity": 300.0, "window_perplexity": 900.0, "dead_codes": 0.0}

@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 from vq_kernels import reference
 
 from vqvae.quantizer import VectorQuantizer
-from vqvae.quantizer.metrics import layer_code_counts
 from vqvae.quantizer.residual import ResidualQuantizerOutput, ResidualVectorQuantizer
 
 BACKENDS = ["torch", "triton"]
@@ -228,12 +227,6 @@ def test_half_precision_input_gives_half_precision_output_from_fp32_residuals():
     assert out.quantized.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
     assert torch.equal(out.quantized, stack.decode(out.indices).bfloat16())
     assert torch.equal(out.indices, stack(x.float()).indices)
-
-
-def test_layer_code_counts():
-    indices = torch.tensor([[0, 2], [0, -1], [3, 2]])
-    counts = layer_code_counts(indices, 4)
-    assert torch.equal(counts, torch.tensor([[2.0, 0, 0, 1], [0, 0, 2, 0]]))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -2,10 +2,11 @@
 
 A codebook picks its backend once per device (`pick_backend`): "triton", "torch", or "auto" (Triton on CUDA,
 PyTorch elsewhere: Triton's interpreter is a correctness tool, not a CPU backend). Both offer the same three
-operations with the same contracts (`kernels` and `vq_kernels.reference` document them):
+operations with the same contracts (`vq_kernels` and `vq_kernels.reference` document them):
     nearest(rows, codebook, prepared) -> int64 [N], -1 for non-finite rows
     stats(rows, indices, num_codes)   -> counts [K], sums [K, D]; index -1 adds nothing
-    blend_(cluster_size, embed_sum, codebook, counts, sums, decay, eps)   the EMA step, in place
+    blend_(cluster_size, embed_sum, codebook, counts, sums, decay, eps)   the EMA step, in place (decay: a 0-d
+                                                                         fp32 tensor on the state's device)
 and `prepare(codebook)`, the search's operand form of the codebook (None where the search needs none).
 """
 
