@@ -255,3 +255,24 @@ def test_builtin_validation_holds_out_a_region_of_every_photo():
     crops = torch.stack([val[i] for i in range(len(val))])
     per_photo = crops.reshape(len(val), -1).std(dim=1)
     assert crops.mean(dim=(1, 2, 3)).std() > 0.1 and (per_photo > 0.02).float().mean() > 0.5
+
+
+def test_the_hub_is_probed_once_for_a_dataset_s_two_splits(monkeypatch):
+    import vqvae.data as data  # noqa: PLC0415
+
+    calls = []
+
+    def unreachable(address, timeout):
+        calls.append(address)
+        raise OSError("no route")
+
+    monkeypatch.setattr(data.socket, "create_connection", unreachable)
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.vqvae-tests.invalid")
+    data._can_connect.cache_clear()
+    assert not data._hub_reachable() and not data._hub_reachable()
+    assert calls == [("hub.vqvae-tests.invalid", 443)]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read every time, before the probe
+    assert not data._hub_reachable() and len(calls) == 1
+    data._can_connect.cache_clear()

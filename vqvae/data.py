@@ -13,6 +13,7 @@ with several processes it cuts each global batch into one share per rank.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import sys
@@ -415,8 +416,14 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # a direct connection says nothing about a proxy: let the library try
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return _can_connect(endpoint.hostname, endpoint.port or 443, timeout)
+
+
+@functools.cache
+def _can_connect(host: str, port: int, timeout: float) -> bool:
+    """Probed once per process: a dataset's training and validation splits are loaded one after the other."""
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False
