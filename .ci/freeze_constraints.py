@@ -1,5 +1,5 @@
-"""Write constraints.txt from the environment this interpreter runs in: every installed release pinned, and the
-extras that the test command does not install (`eval`) resolved against it, so that one file bounds them all.
+"""Write constraints.txt from the environment this interpreter runs in: every installed release pinned (the test
+command installs every extra but `triton36`, so one file bounds them all).
 
     python .ci/freeze_constraints.py > constraints.txt     # inside an environment that passed the suite
 
@@ -8,16 +8,13 @@ hand, because a CUDA build of torch requires one triton release (torch 2.13.0: t
 requires none, so an environment built on the CPU would pin whichever triton was newest.
 """
 
-import json
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BY_HAND = ("torch", "triton")
-EXTRAS_NOT_INSTALLED = "eval"
 HEADER = """\
 # Every release the test suite runs against: README.md's test command installs under this file, and `.ci/run`
 # runs that command in a fresh environment. Written by `python .ci/freeze_constraints.py` (see it); `bash .ci/run
@@ -49,21 +46,8 @@ def installed() -> dict[str, str]:
     return pins
 
 
-def resolved_extras(pins: dict[str, str]) -> dict[str, str]:
-    """What `pip install -e .[eval]` would add to this environment, under the pins."""
-    with tempfile.TemporaryDirectory() as folder:
-        constraints, report = Path(folder, "constraints.txt"), Path(folder, "report.json")
-        constraints.write_text("\n".join(pins.values()) + "\n")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--report", str(report),
-                        "-c", str(constraints), "-e", f"{ROOT}[{EXTRAS_NOT_INSTALLED}]"], check=True)
-        added = json.loads(report.read_text())["install"]
-    return {normalise(item["metadata"]["name"]): f"{item['metadata']['name']}=={item['metadata']['version']}"
-            for item in added if normalise(item["metadata"]["name"]) != "vqvae-triton"}
-
-
 def main() -> None:
     pins = {**installed(), **pins_by_hand()}
-    pins.update(resolved_extras(pins))
     sys.stdout.write(HEADER + "".join(pins[name] + "\n" for name in sorted(pins)))
 
 

@@ -229,3 +229,172 @@ def train_a_few_steps():
 def assert_same_state():
     """assert_same_state(a, b): the two modules' state dicts hold the same keys and bit-identical tensors."""
     return _assert_same_state
+
+
+# -- the reference implementations of LPIPS and the FID Inception, and stand-in weight files ------------------------
+
+# The releases the parity tests hold our networks to, pinned by hash; their wheels are fetched by the tests
+# (pip download, no dependencies: neither is installed, since both import torchvision).
+REFERENCE_WHEELS = {
+    "lpips": ("lpips==0.1.4", "fd537af5828b69d2e6ffc0a397bd506dbc28ca183543617690844c08e102ec5e"),
+    "torch_fidelity": ("torch-fidelity==0.4.0", "99f4c610ea16972628eceb26afb0008e528da2d44123db947b408750efbd35d4"),
+}
+REFERENCE_CACHE = Path(os.environ.get("VQVAE_TEST_CACHE", Path.home() / ".cache" / "vqvae-triton-tests"))
+
+
+def _reference_wheel(package: str) -> Path:
+    """The folder holding the package's sources, from its wheel (fetched once into REFERENCE_CACHE). A fetch that
+    fails fails the test under CI (the environment variable CI set) and skips it elsewhere, saying why."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    requirement, sha256 = REFERENCE_WHEELS[package]
+    folder = REFERENCE_CACHE / f"{requirement.replace('==', '-')}-{sha256[:12]}"
+    if (folder / package / "__init__.py").is_file():
+        return folder
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "requirements.txt").write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        fetched = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--only-binary=:all:",
+             "-r", str(Path(scratch) / "requirements.txt"), "-d", scratch],
+            capture_output=True, text=True, timeout=300, check=False)
+        wheels = list(Path(scratch).glob("*.whl"))
+        if fetched.returncode != 0 or len(wheels) != 1:
+            why = (f"could not fetch the reference {requirement} (pip download exit {fetched.returncode}): "
+                   f"{fetched.stderr.strip()[-400:]}")
+            (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extractall(folder)
+    return folder
+
+
+def _stand_in_vgg16(requires_grad=False, pretrained=True):
+    """What lpips.pretrained_networks.vgg16 gives LPIPS, built here without torchvision: torchvision's VGG16
+    `features` (3 x 3 convolutions with ReLUs, 2 x 2 max pools) cut after relu1_2, relu2_2, relu3_3, relu4_3 and
+    relu5_3, each module at its torchvision index (`load_vgg_features` fills them)."""
+    from collections import namedtuple  # noqa: PLC0415
+
+    plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+    modules, channels = [], 3
+    for width in plan:
+        if width == "M":
+            modules.append(torch.nn.MaxPool2d(2, 2))
+        else:
+            modules += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.ReLU(inplace=False)]
+            channels = width
+
+    class StandInVGG16(torch.nn.Module):
+        cuts = (4, 9, 16, 23, 30)
+
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(modules)
+
+        def forward(self, x):
+            outputs, start = [], 0
+            for cut in self.cuts:
+                for module in self.layers[start:cut]:
+                    x = module(x)
+                outputs.append(x)
+                start = cut
+            return namedtuple("VggOutputs", ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"])(*outputs)
+
+        def load_vgg_features(self, state):
+            self.layers.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
+                                         if k.startswith("features.")})
+
+    return StandInVGG16().requires_grad_(requires_grad)
+
+
+@pytest.fixture(scope="module")
+def reference_lpips():
+    """lpips 0.1.4's own package (lpips/__init__.py, lpips.py, trainer.py) with only its pretrained_networks module
+    stood in (`_stand_in_vgg16`); loaded under its own name for the test module and then removed (other packages
+    probe for lpips and torch_fidelity)."""
+    import importlib.util  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    root = _reference_wheel("lpips") / "lpips"
+    saved = {name: sys.modules.get(name) for name in ("lpips", "lpips.pretrained_networks", "lpips.lpips",
+                                                       "lpips.trainer")}
+    networks = types.ModuleType("lpips.pretrained_networks")
+    networks.vgg16 = _stand_in_vgg16
+    sys.modules["lpips.pretrained_networks"] = networks
+    spec = importlib.util.spec_from_file_location("lpips", root / "__init__.py", submodule_search_locations=[str(root)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["lpips"] = package
+    spec.loader.exec_module(package)
+    yield package
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
+
+
+@pytest.fixture(scope="module")
+def reference_inception_module():
+    """torch-fidelity 0.4.0's feature_extractor_inceptionv3 module, imported under a stub parent package (its
+    package __init__ imports the CLIP, VGG and DINOv2 extractors, which import torchvision)."""
+    import importlib  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    root = _reference_wheel("torch_fidelity") / "torch_fidelity"
+    names = [n for n in sys.modules if n == "torch_fidelity" or n.startswith("torch_fidelity.")]
+    saved = {name: sys.modules.pop(name) for name in names}
+    stub = types.ModuleType("torch_fidelity")
+    stub.__path__ = [str(root)]
+    sys.modules["torch_fidelity"] = stub
+    module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+    yield module
+    for name in [n for n in sys.modules if n == "torch_fidelity" or n.startswith("torch_fidelity.")]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def _random_vgg16_file(path: Path) -> Path:
+    """A file laid out as torchvision's vgg16-397923af.pth (features and classifier), random weights scaled so that
+    activations keep their size through the 13 convolutions."""
+    from vqvae.lpips import vgg16_trunk  # noqa: PLC0415
+
+    state = {}
+    for key, value in vgg16_trunk().state_dict().items():
+        fan_in = value[0].numel() if value.ndim == 4 else 1
+        state[f"features.{key}"] = (torch.randn_like(value) * (2 / fan_in) ** 0.5 if value.ndim == 4
+                                    else 0.01 * torch.randn_like(value))
+    for index, (cin, cout) in {0: (25088, 64), 3: (64, 64), 6: (64, 1000)}.items():  # small: never read
+        state[f"classifier.{index}.weight"], state[f"classifier.{index}.bias"] = torch.randn(cout, cin), torch.zeros(
+            cout)
+    torch.save(state, path)
+    return path
+
+
+def _random_inception_file(path: Path) -> Path:
+    """A file laid out as torch-fidelity's weights-inception-2015-12-05-6726825d.pth, random weights whose batch
+    norms hold the statistics of one batch of random images, so that features stay of order one at every depth."""
+    from vqvae.fid import FIDInception  # noqa: PLC0415
+
+    network = FIDInception()
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None  # the running statistics become the calibration batch's
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+        network.train()(torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8))
+    state = network.state_dict()
+    state["fc.weight"], state["fc.bias"] = 0.01 * torch.randn(1008, 2048), torch.zeros(1008)
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stand_in_weights(tmp_path_factory):
+    """{"lpips": VGG16 file, "rfid": Inception file}: random weights in the published files' layouts."""
+    folder = tmp_path_factory.mktemp("stand_in_weights")
+    return {"lpips": _random_vgg16_file(folder / "vgg16-397923af.pth"),
+            "rfid": _random_inception_file(folder / "weights-inception-2015-12-05-6726825d.pth")}

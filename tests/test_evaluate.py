@@ -1,8 +1,7 @@
-"""Judging tokenizers (vqvae/quality.py, vqvae/evaluation.py, vqvae/evaluate.py): each figure against an
-independent computation, the "unavailable" path of the network metrics, and two checkpoints compared end to end.
-
-LPIPS and rFID with their real networks are not run here: they need torchvision, whose wheels on the package
-registries are built against CUDA's libtorch and do not load with the CPU build of torch these machines use."""
+"""Judging tokenizers (vqvae/quality.py, vqvae/evaluate.py): each figure against an independent computation, the
+"unavailable" path of the network metrics, and two checkpoints compared end to end, with LPIPS and rFID computed on
+stand-in weight files (random weights in the published files' layouts; tests/test_lpips.py and tests/test_fid.py
+hold the two networks to their reference implementations)."""
 
 import json
 import math
@@ -53,7 +52,9 @@ def test_a_meter_without_pytorch_msssim_fails_when_made_naming_the_package(monke
         QualityMeter()
 
 
-def test_a_network_metric_without_weights_is_unavailable_naming_the_file_and_the_rest_still_run(tmp_path):
+def test_a_network_metric_without_weights_is_unavailable_naming_the_file_and_the_rest_still_run(tmp_path,
+                                                                                                monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
     missing = tmp_path / "nowhere" / "vgg.pth"
     meter = QualityMeter(["lpips", "rfid"], weights={"lpips": str(missing)})
     assert not meter.networks
@@ -87,7 +88,8 @@ def _checkpoint(tiny_config, path, layers):
     return path
 
 
-def test_two_checkpoints_side_by_side(tmp_path, capsys, tiny_config):
+def test_two_checkpoints_side_by_side(tmp_path, capsys, tiny_config, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache: LPIPS and rFID unavailable
     a, b = _checkpoint(tiny_config, tmp_path / "a.pt", 1), _checkpoint(tiny_config, tmp_path / "b.pt", 2)
     out = tmp_path / "eval"
     evaluate_main(["--checkpoint", str(a), str(b), "--out", str(out), "--batch-size", "3", "--worst", "4"])
@@ -104,7 +106,8 @@ def test_two_checkpoints_side_by_side(tmp_path, capsys, tiny_config):
     assert "layer2/perplexity" in results[1] and "layer2/perplexity" not in results[0]
     table = (out / "table.md").read_text()
     assert f"1: `{a}`" in table and f"2: `{b}`" in table and "| LPIPS (VGG) | unavailable | unavailable |" in table
-    assert "vgg16-397923af.pth" in table  # why, below the table
+    assert f"LPIPS (VGG): unavailable: no weights file at {tmp_path / 'torch' / 'hub' / 'checkpoints'}" in table
+    assert "vgg16-397923af.pth" in table and "weights-inception-2015-12-05-6726825d.pth" in table  # what it looked for
     for n in (1, 2):
         assert (out / f"worst_{n}.png").stat().st_size > 0 and (out / f"usage_{n}.png").stat().st_size > 0
 
@@ -147,3 +150,77 @@ def test_the_trainer_reports_ssim_and_says_once_why_lpips_is_missing(tmp_path, c
     assert out.count(f"train.eval_metrics: lpips unavailable: no weights file at {tmp_path / 'vgg16.pth'}") == 1
     (row,) = read_metrics(tmp_path / "run", "val/")
     assert 0 < row["val/ssim"] <= 1 and "val/lpips" not in row
+
+
+def _put_in_hub_cache(weights: dict, torch_home):
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for path in weights.values():
+        (checkpoints / path.name).symlink_to(path)
+
+
+def test_with_the_weights_where_torch_hub_keeps_them_every_column_holds_a_number(tmp_path, tiny_config, monkeypatch,
+                                                                                  stand_in_weights):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _put_in_hub_cache(stand_in_weights, tmp_path / "torch")
+    a, b = _checkpoint(tiny_config, tmp_path / "a.pt", 1), _checkpoint(tiny_config, tmp_path / "b.pt", 2)
+    results = evaluate_main_results(tmp_path, a, b)
+    for r in results:
+        for key in ("psnr", "ssim", "lpips", "rfid", "usage", "perplexity", "bits_per_image"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r[key])
+        assert r["lpips"] > 0 and r["rfid"] > 0 and r["worst_by"] == "lpips"
+        assert r["rfid_note"] == "over 8 images at 32 x 32: not comparable with published rFID (papers report rFID " \
+                                 "over ImageNet's 50,000 validation images at 256 x 256), only with runs on this split"
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert "unavailable" not in table and "1: over 8 images at 32 x 32: not comparable" in table
+
+
+def evaluate_main_results(tmp_path, *checkpoints):
+    evaluate_main(["--checkpoint", *map(str, checkpoints), "--out", str(tmp_path / "eval"), "--batch-size", "3"])
+    return json.loads((tmp_path / "eval" / "metrics.json").read_text())
+
+
+def test_a_weights_file_that_is_not_the_networks_stops_the_evaluation_naming_it(tmp_path, capsys, tiny_config):
+    wrong = tmp_path / "inception.pth"
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, wrong)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--checkpoint", str(_checkpoint(tiny_config, tmp_path / "a.pt", 1)), "--out",
+                       str(tmp_path / "eval"), "--inception-weights", str(wrong)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {wrong}: missing key(s) Conv2d_1a_3x3.bn.bias" in err and "Conv2d_1a_3x3.conv.weight" in err
+
+
+def test_without_the_lpips_heads_lpips_is_unavailable_saying_where_they_come_from(monkeypatch, stand_in_weights):
+    monkeypatch.setattr("vqvae.quality.heads_file", lambda: None)
+    meter = QualityMeter(["lpips"], weights={"lpips": str(stand_in_weights["lpips"])})
+    assert meter.unavailable["lpips"] == ("unavailable: no LPIPS heads file (vgg.pth): it ships with torchmetrics, "
+                                          "pip install -e '.[eval]'")
+
+
+def test_rfid_reads_pixels_rounded_not_truncated(stand_in_weights, monkeypatch):
+    seen = []
+    meter = QualityMeter(["rfid"], weights={"rfid": str(stand_in_weights["rfid"])})
+    monkeypatch.setattr(meter.networks["rfid"], "update", lambda a, b: seen.extend([a, b]))
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    images = levels.float() / 127.5 - 1  # as vqvae.data.to_tensor makes them
+    meter.update(images, images)
+    assert all(torch.equal(pixels, levels) for pixels in seen)  # every one of the 256 levels comes back
+
+
+def test_the_trainer_reports_lpips_and_rfid_with_their_weights(tmp_path, tiny_config, read_metrics, stand_in_weights):
+    from vqvae.train import train  # noqa: PLC0415
+
+    cfg = tiny_config(tmp_path / "run", max_steps=2, eval_every=2, eval_metrics="lpips,rfid",
+                      lpips_weights=str(stand_in_weights["lpips"]), inception_weights=str(stand_in_weights["rfid"]))
+    train(cfg)
+    (row,) = read_metrics(tmp_path / "run", "val/")
+    assert row["val/lpips"] > 0 and row["val/rfid"] > 0
+
+
+def test_the_eval_extra_imports_torchmetrics_without_torchvision():
+    import importlib.util  # noqa: PLC0415
+
+    import torchmetrics  # noqa: F401, PLC0415
+
+    assert importlib.util.find_spec("torchvision") is None  # the extra must not pull it (its wheels need CUDA)

@@ -95,7 +95,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16B", "F"):
         array = np.asarray(image, dtype=np.float64)
         span = max(array.max() - array.min(), 1e-12)
-        image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
+        image = Image.fromarray(((array - array.min()) / span * 255).round().astype(np.uint8))
     return image.convert("RGB")
 
 
@@ -282,9 +282,15 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> uint8 pixels, rounded: the inverse of `to_tensor` for every level (truncation would
+    move 63 of the 256 levels of a round trip down by one)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, for image files."""
+    return to_pixels(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class ResumableBatchSampler(Sampler):

@@ -7,9 +7,11 @@
 Each ``--checkpoint`` is a checkpoint file written by the trainer, a folder written by ``save_pretrained`` (or
 ``python -m vqvae.export``), or the Hub id of such a folder, as ``vqvae.encode`` takes them; its data is the one its
 config names (deterministic views: fixed crops, no flips), and ``--data.key=value`` overrides it for every model.
-The figures (vqvae/quality.py and vqvae/evaluation.py say how each is computed):
+The figures (vqvae/quality.py says how each is computed; vqvae/lpips.py and vqvae/fid.py hold the two networks):
     psnr, ssim, lpips, rfid    reconstruction quality; LPIPS and rFID need pretrained weights (--lpips-weights,
-                               --inception-weights, or torch hub's cache): "unavailable: <why>" where they are absent
+                               --inception-weights, or torch hub's cache): "unavailable: <the file it looked for>"
+                               where they are absent; rFID is comparable with published figures only over >= 2,048
+                               images at the paper's resolution (the table says so below it)
     usage, perplexity          of the codes over the whole split (per layer for residual models)
     bits_per_image             log2 K x positions x layers: the codes as stored
     entropy_bits_per_image     the codes' empirical entropy x positions, summed over layers
@@ -36,6 +38,7 @@ from vqvae.encode import load_tokenizer
 from vqvae.images import reconstruction_grid, usage_histogram
 from vqvae.quality import NETWORK_METRICS, QualityMeter, score
 from vqvae.quantizer.hub import PretrainedError
+from vqvae.weights import WeightsError
 
 ROWS = [  # (figure, label, format) of the table, in its order
     ("images", "images", "{:.0f}"), ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         evaluate(args.checkpoint, Path(args.out), args.split, args.batch_size, args.device, overrides,
                  args.lpips_weights, args.inception_weights, args.worst)
-    except (ConfigError, DataError, CheckpointError, PretrainedError) as e:
+    except (ConfigError, DataError, CheckpointError, PretrainedError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

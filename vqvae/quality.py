@@ -11,22 +11,22 @@ Images are (B, 3, H, W) in [-1, 1], as the data pipeline gives them.
   psnr   each image's PSNR on [0, 1] pixels, averaged over images (`psnr`);
   ssim   each image's SSIM on [0, 1] pixels (pytorch-msssim: 11-pixel Gaussian window, sigma 1.5, K = 0.01, 0.03,
          as in Wang et al. 2004), averaged over images;
-  lpips  LPIPS with the VGG network (torchmetrics' port of Zhang et al.'s weights, as taming-transformers and
-         LlamaGen report it), averaged over images;
-  rfid   FID between the originals and the reconstructions with torch-fidelity's Inception (as torchmetrics uses
-         it), 2048 features. Below 2,048 images the covariance is rank-deficient and the figure cannot be compared
-         with published ones: `compute` says so next to it.
-LPIPS and rFID need pretrained networks. They are read where their libraries cache them (torch hub's
-`checkpoints/` folder: `torch.hub.get_dir()`) or from a path given; nothing is downloaded here. Where the weights or
-the libraries are missing the figure is the string "unavailable: <why>", never a number, and the others still run.
+  lpips  LPIPS v0.1 with the VGG16 trunk (`vqvae.lpips`), as taming-transformers, LlamaGen and SimVQ report it, on
+         the float images, averaged over images;
+  rfid   FID between the originals and the reconstructions with the FID Inception's 2048 pool features
+         (`vqvae.fid`), on uint8 pixels rounded from the images (`vqvae.data.to_pixels`). Below 2,048 images the
+         covariance is rank-deficient and the figure cannot be compared with published ones: `compute` says so next
+         to it (as it is not comparable at another resolution than a paper's).
+LPIPS and rFID need pretrained networks: their files are read where torch hub caches them (`torch.hub.get_dir()`
+/ checkpoints) or from a path given, and LPIPS's heads from the installed torchmetrics (the `eval` extra); nothing is
+downloaded here. Where a file is missing the figure is the string "unavailable: <the file it looked for>", never a
+number, and the others still run; a file that is there but not the network's is an error naming the file and key.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +35,19 @@ import torch.nn.functional as F
 
 from vqvae.cli import autocast_context
 from vqvae.config import Config
+from vqvae.data import to_pixels
+from vqvae.fid import FEATURES as FID_FEATURES
+from vqvae.fid import FrechetMeter, load_inception
+from vqvae.lpips import HEADS_FILE, heads_file, load_lpips
 from vqvae.model import VQVAE
 from vqvae.quantizer.metrics import layer_code_counts, perplexity
 
 NETWORK_METRICS = ("lpips", "rfid")
-# The files their libraries load (through torch.hub's cache) when asked for pretrained weights.
+# The files torchvision and torch-fidelity load (through torch hub's cache) when asked for pretrained weights.
 WEIGHT_FILES = {
-    "lpips": "vgg16-397923af.pth",  # torchvision's VGG16 (IMAGENET1K_V1); the LPIPS heads ship with torchmetrics
+    "lpips": "vgg16-397923af.pth",  # torchvision's VGG16 (IMAGENET1K_V1)
     "rfid": "weights-inception-2015-12-05-6726825d.pth",  # torch-fidelity's port of the TF FID Inception
 }
-FID_FEATURES = 2048
 
 
 def psnr(recons: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
@@ -76,58 +79,38 @@ def ssim(recons: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
 
 
 def weights_path(metric: str, given: str | os.PathLike | None = None) -> Path:
-    """Where `metric`'s pretrained weights are read: the path given, else its library's cache."""
+    """Where `metric`'s pretrained weights are read: the path given, else torch hub's cache."""
     if given:
         return Path(given)
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHT_FILES[metric]
 
 
-@contextlib.contextmanager
-def _hub_cache_holding(name: str, path: Path):
-    """torch.hub's cache pointed, for the block, at a folder where `name` is `path`: libraries that only load
-    weights through the cache then read the file given."""
-    if path == Path(torch.hub.get_dir()) / "checkpoints" / name:
-        yield
-        return
-    saved = torch.hub.get_dir()
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "checkpoints").mkdir()
-        (Path(folder) / "checkpoints" / name).symlink_to(path.resolve())
-        torch.hub.set_dir(folder)
-        try:
-            yield
-        finally:
-            torch.hub.set_dir(saved)
-
-
-def _lpips_network(path: Path, device):
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity  # noqa: PLC0415
-
-    with _hub_cache_holding(WEIGHT_FILES["lpips"], path):
-        metric = LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=False)
-    return metric.net.to(device).eval()  # the network itself: one distance per image pair
-
-
-def _fid_metric(path: Path, device):
-    from torchmetrics.image.fid import FrechetInceptionDistance  # noqa: PLC0415
-
-    return FrechetInceptionDistance(feature=FID_FEATURES, normalize=True,
-                                    feature_extractor_weights_path=str(path)).to(device)
-
-
 def _load(metric: str, given, device):
-    """(the network, None) or (None, why it is unavailable)."""
+    """(the network, None) or (None, why it is unavailable); a file that is there but wrong raises `WeightsError`."""
     path = weights_path(metric, given)
     if not path.is_file():
         how = "give its path" if given is None else "check the path given"
         return None, (f"unavailable: no weights file at {path} (nothing is downloaded here: put the file there, "
                       f"or {how})")
-    try:
-        return (_lpips_network if metric == "lpips" else _fid_metric)(path, device), None
-    except ImportError as e:
-        return None, f"unavailable: {e} (pip install -e '.[eval]')"
-    except Exception as e:  # a file that is not the network's weights
-        return None, f"unavailable: could not load {path}: {type(e).__name__}: {e}"
+    if metric == "rfid":
+        return FrechetMeter(load_inception(path)).to(device), None
+    heads = heads_file()
+    if heads is None:
+        return None, (f"unavailable: no LPIPS heads file ({HEADS_FILE}): it ships with torchmetrics, "
+                      f"pip install -e '.[eval]'")
+    return load_lpips(path, heads).to(device), None
+
+
+PUBLISHED_RFID = "papers report rFID over ImageNet's 50,000 validation images at 256 x 256"
+
+
+def rfid_note(images: int, resolution: tuple[int, int]) -> str:
+    """What an rFID figure can be compared with: the same split at the same resolution, and published figures only
+    from >= 2,048 images (below, the covariance of 2,048 features is rank-deficient) at the paper's resolution."""
+    where = f"over {images} images at {resolution[0]} x {resolution[1]}"
+    if images < FID_FEATURES or tuple(resolution) != (256, 256):
+        return f"{where}: not comparable with published rFID ({PUBLISHED_RFID}), only with runs on this split"
+    return f"{where}: comparable with published rFID at this resolution if the split is theirs ({PUBLISHED_RFID})"
 
 
 class QualityMeter:
@@ -150,7 +133,7 @@ class QualityMeter:
 
     def reset(self) -> None:
         self.sums = {"psnr": 0.0, "ssim": 0.0, "mse": 0.0, **{m: 0.0 for m in self.networks if m != "rfid"}}
-        self.images = 0
+        self.images, self.resolution = 0, None
         if "rfid" in self.networks:
             self.networks["rfid"].reset()
 
@@ -164,21 +147,18 @@ class QualityMeter:
         if "lpips" in self.networks:
             per_image["lpips"] = self.networks["lpips"](recons, originals).reshape(-1)
         if "rfid" in self.networks:
-            fid = self.networks["rfid"]
-            fid.update((originals + 1) / 2, real=True)
-            fid.update((recons + 1) / 2, real=False)
+            self.networks["rfid"].update(to_pixels(originals), to_pixels(recons))
         for key, values in per_image.items():
             self.sums[key] += float(values.sum())
         self.images += originals.shape[0]
+        self.resolution = tuple(originals.shape[-2:])
         return {k: v.detach().cpu() for k, v in per_image.items()}
 
     def compute(self) -> dict:
         figures = {k: v / max(self.images, 1) for k, v in self.sums.items()}
         if "rfid" in self.networks:
             figures["rfid"] = float(self.networks["rfid"].compute())
-            if self.images < FID_FEATURES:
-                figures["rfid_note"] = (f"over {self.images} images, fewer than Inception's {FID_FEATURES} features: "
-                                        f"not comparable with published rFID")
+            figures["rfid_note"] = rfid_note(self.images, self.resolution)
         figures.update(self.unavailable)
         figures["images"] = self.images
         return figures
