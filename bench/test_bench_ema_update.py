@@ -74,7 +74,7 @@ def update_fn(provider: Provider, shape, device):
         deterministic = name == "triton-deterministic"
 
         def update_(*args):
-            # validate_indices=False: the indices come from the search, as in the quantizer (no host sync).
+            # validate_indices=False: the indices come from the search, as in the quantizer (no device-side assert).
             return vq_kernels.ema_update_(*args, deterministic=deterministic, validate_indices=False)
 
         return update_

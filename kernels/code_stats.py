@@ -118,12 +118,13 @@ def _check_inputs(x, indices, num_codes):
     check_same_device("indices", indices, "x", x)
 
 
-def _check_index_range(indices, num_codes):
-    # One device-to-host read; callers whose indices come from the search skip it.
-    if bool((indices >= num_codes).any()):
-        bad = int(indices.max())
-        raise ValueError(f"indices holds {bad}, out of range for num_codes={num_codes} "
-                         "(negative indices mark rows to leave out; indices >= num_codes are errors)")
+def _assert_index_range(indices, num_codes):
+    # A device-side assert, as PyTorch's own indexing makes: the host does not wait for the answer. On CUDA a
+    # failure surfaces at the next synchronising call (and, as with an index error in PyTorch, ends the CUDA context);
+    # on the CPU it raises here.
+    torch._assert_async((indices < num_codes).all(),
+                        f"indices out of range for num_codes={num_codes} (negative indices mark rows to leave out; "
+                        "indices >= num_codes are errors)")
 
 
 def _outputs(out, num_codes: int, dim: int, device: torch.device):
@@ -181,14 +182,15 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, determ
                validate_indices: bool = True, out=None):
     """Per-code counts (float32 [K]) and sums of rows (float32 [K, D]) of x [N, D] grouped by indices [N].
 
-    Negative indices leave their row out. With validate_indices (one host sync) an index >= num_codes raises;
-    without it such rows are left out too. deterministic=True gives the same bits on every run.
+    Negative indices leave their row out. With validate_indices an index >= num_codes fails a device-side assert
+    (no host read; see `_assert_index_range`); without it such rows are left out too. deterministic=True gives the
+    same bits on every run.
     out: optional (counts, sums) to write into.
     """
     _check_inputs(x, indices, num_codes)
     counts, sums = _outputs(out, num_codes, x.shape[1], x.device)
     if validate_indices:
-        _check_index_range(indices, num_codes)
+        _assert_index_range(indices, num_codes)
     if deterministic:
         return _stats_in_sorted_order(x, indices, counts, sums)
     return _stats_with_atomics(x, indices, counts, sums)

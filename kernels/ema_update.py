@@ -10,13 +10,14 @@ waits on the host.
 
 A batch with no rows (every row masked out, non-finite or skipped) leaves the state exactly as it was, whatever the
 decay: blending in nothing would only shrink the counts (with decay 0, to zero, and then 0 / 0 in the smoothing).
-`decay` may be a Python float or a 0-d fp32 tensor on the state's device, such as a warm-up schedule computed on the
-device (one compiled graph for every step, no host read).
+`decay` may be a Python float (passed to the kernel by value) or a 0-d fp32 tensor on the state's device, such as a
+warm-up schedule computed on the device (one compiled graph for every step); neither makes the host wait.
 
 `ema_update_` chains `code_stats` and the blend for one batch; callers that must combine statistics first
 (several micro-batches, several processes) call the two steps themselves.
 """
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -31,23 +32,27 @@ def _ema_blend_kernel(
     cluster_size_ptr, embed_sum_ptr, codebook_ptr,
     # pointers: the batch's statistics
     counts_ptr, sums_ptr,
-    # pointers to 1-element fp32 tensors: the decay, the batch's row count, sum over codes of the blended cluster_size
+    # pointers to 1-element fp32 tensors: the decay (read only if DECAY_ON_DEVICE), the batch's row count, sum over
+    # codes of the blended cluster_size
     decay_ptr, rows_ptr, total_ptr,
     # sizes
     K, D,
     # strides
     stride_ek, stride_ed, stride_ck, stride_cd, stride_sk, stride_sd,
-    # scalars
-    eps,
+    # scalars: eps, and the decay when it is a Python float (passed by value: no copy to the device to wait for)
+    eps, decay_value,
     # meta-parameters
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DECAY_ON_DEVICE: tl.constexpr,
 ):
     # A program owns whole codes (all of D), so it can read and then overwrite their cluster_size with no race.
     codes = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     codes64 = codes.to(tl.int64)
     # An empty batch writes nothing (see the module docstring): as if there were no codes, every store is masked.
     code_mask = codes < tl.where(tl.load(rows_ptr) > 0.0, K, 0)
-    decay = tl.load(decay_ptr)
+    if DECAY_ON_DEVICE:
+        decay = tl.load(decay_ptr)
+    else:
+        decay = decay_value
     cluster_size = tl.load(cluster_size_ptr + codes, mask=code_mask, other=0.0)
     counts = tl.load(counts_ptr + codes, mask=code_mask, other=0.0)
     cluster_size = decay * cluster_size + (1.0 - decay) * counts
@@ -111,19 +116,26 @@ def ema_blend_(cluster_size, embed_sum, codebook, counts, sums, decay: float | t
 
 def _launch_blend(cluster_size, embed_sum, codebook, counts, sums, decay, eps):
     K, D = codebook.shape
-    decay = torch.as_tensor(decay, dtype=torch.float32, device=codebook.device).reshape(1)
+    on_device = isinstance(decay, torch.Tensor)
+    if on_device:
+        decay, keep = decay.reshape(1), 1.0 - decay.reshape(1)
+    else:
+        # The float stays on the host (torch.as_tensor(decay, device=...) is a copy the host waits on), rounded to
+        # fp32 as a device tensor would be, so that both paths give the same bits.
+        decay = float(np.float32(decay))
+        keep = float(np.float32(1.0) - np.float32(decay))
     rows = counts.sum().reshape(1)
     # sum_k of the blended cluster_size, before the kernel overwrites cluster_size.
-    total = decay * cluster_size.sum() + (1.0 - decay) * rows
+    total = decay * cluster_size.sum() + keep * rows
     block_k, block_d = 16, min(128, max(16, triton.next_power_of_2(D)))
     _ema_blend_kernel[(triton.cdiv(K, block_k),)](
         cluster_size, embed_sum, codebook, counts, sums,
-        decay, rows, total,
+        decay if on_device else rows, rows, total,  # (rows: a pointer the kernel does not read)
         K, D,
         embed_sum.stride(0), embed_sum.stride(1), codebook.stride(0), codebook.stride(1),
         sums.stride(0), sums.stride(1),
-        float(eps),
-        BLOCK_K=block_k, BLOCK_D=block_d,
+        float(eps), 0.0 if on_device else decay,
+        BLOCK_K=block_k, BLOCK_D=block_d, DECAY_ON_DEVICE=on_device,
     )
 
 

@@ -164,7 +164,8 @@ def test_bad_inputs_are_named_and_leave_the_state_alone(device):
         (lambda *s: vq_kernels.ema_update_(x[:, :3], indices, *s, 0.99, 1e-5), ValueError, "x has 3 columns, expected 4"),
         (lambda *s: vq_kernels.ema_update_(x, indices[:9], *s, 0.99, 1e-5), ValueError, r"indices must have shape \(10,\)"),
         (lambda *s: vq_kernels.ema_update_(x, indices.float(), *s, 0.99, 1e-5), TypeError, "indices must be an int64"),
-        (lambda *s: vq_kernels.ema_update_(x, indices + 6, *s, 0.99, 1e-5), ValueError, "out of range for num_codes=6"),
+        (lambda *s: vq_kernels.ema_update_(x, indices + 6, *s, 0.99, 1e-5), RuntimeError,  # a device-side assert
+         "out of range for num_codes=6"),
         (lambda *s: vq_kernels.ema_update_(x, indices, *s, 1.5, 1e-5), ValueError, r"decay must be in \[0, 1\)"),
         (lambda *s: vq_kernels.ema_update_(x, indices, *s, 0.99, 0.0), ValueError, "eps must be positive"),
         (lambda *s: vq_kernels.ema_update_(x[:0], indices[:0], *s, 0.99, 1e-5), ValueError, "x is empty"),
@@ -214,3 +215,49 @@ def test_decay_may_be_a_device_tensor(device):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="0-d float32 tensor"):
         vq_kernels.ema_blend_(*as_float, counts, sums, torch.tensor([0.5, 0.5], device=device), 1e-5)
+
+
+# What makes the host wait for the device: reading a value back (item, bool, int, comparisons to Python), or
+# copying a Python value to the device (torch.tensor / as_tensor of a number: lift_fresh). A Python number given
+# to an op (torch.where(c, t, 3)) is not one: it is wrapped as a CPU scalar and passed by value.
+HOST_WAITS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::allclose", "aten::lift_fresh",
+              "aten::lift_fresh_copy")
+
+
+def _host_waits(call) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name().split(".")[0] in HOST_WAITS:
+                seen.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        call()
+    return seen
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_public_functions_with_a_float_decay_and_default_options_never_wait_on_the_device(deterministic, device):
+    x, indices = _batch(37, 6, 5, torch.float32, device)
+    state = _state(6, 5, device)
+    assert _host_waits(lambda: vq_kernels.ema_update_(x, indices, *state, 0.99, 1e-5,
+                                                      deterministic=deterministic)) == []
+    assert _host_waits(lambda: vq_kernels.code_stats(x, indices, 6, deterministic=deterministic)) == []
+    counts, sums = vq_kernels.code_stats(x, indices, 6)
+    assert _host_waits(lambda: vq_kernels.ema_blend_(*state, counts, sums, 0.99, 1e-5)) == []
+    assert _host_waits(lambda: float(counts.sum())) == ["aten::_local_scalar_dense"]  # the check can fail
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.99, 0.1234567])
+def test_a_float_decay_and_the_same_decay_as_a_device_tensor_give_the_same_bits(decay, device):
+    x, indices = _batch(50, 7, 6, torch.float32, device)
+    by_float, by_tensor = _state(7, 6, device), None
+    by_tensor = tuple(t.clone() for t in by_float)
+    vq_kernels.ema_update_(x, indices, *by_float, decay, 1e-5)
+    vq_kernels.ema_update_(x, indices, *by_tensor, torch.tensor(decay, device=device), 1e-5)
+    for a, b in zip(by_float, by_tensor):
+        assert torch.equal(a, b)
