@@ -12,6 +12,8 @@ and `prepare(codebook)`, the search's operand form of the codebook (None where t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import vq_kernels
 from vq_kernels import reference
@@ -62,3 +64,11 @@ def pick_backend(name: str, device: torch.device, precision: str, deterministic:
     if name == "triton" or (name == "auto" and device.type == "cuda"):
         return TritonBackend(precision, deterministic)
     return TORCH
+
+
+def full_precision(device: torch.device):
+    """Autocast off for the block: the codebook's maths stays in fp32 whatever the caller's autocast says. The meta
+    device has no autocast (and needs none): a step runs there to count its bytes from the shapes alone."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vqvae.quantizer.backend import pick_backend
+from vqvae.quantizer.backend import full_precision, pick_backend
 from vqvae.quantizer.health import DeadCodeRestarts, rules_from_options
 from vqvae.quantizer.learning import learning_from_options
 from vqvae.quantizer.options import QuantizerOptions
@@ -176,7 +176,7 @@ class Codebook(nn.Module):
         finally:
             self._pending = None
         if pending.counts is not None:
-            with torch.no_grad(), torch.autocast(device_type=pending.counts.device.type, enabled=False):
+            with torch.no_grad(), full_precision(pending.counts.device):
                 dead = self._commit(pending.counts, pending.sums, pending.candidates, pending.candidate_ok)
             pending.dead_codes = dead.sum()
 

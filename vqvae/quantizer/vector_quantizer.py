@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqvae.quantizer.backend import full_precision
 from vqvae.quantizer.codebook import Codebook
 from vqvae.quantizer.hub import HubMixin
 from vqvae.quantizer.layout import from_rows, grid_shape, mask_rows, to_rows
@@ -158,7 +159,7 @@ class VectorQuantizer(nn.Module, HubMixin):
         grid = grid_shape(x.shape, channels_first)
         keep = None if mask is None else mask_rows(mask, grid, self.codebook.codes.device)
         # The codebook maths stays in fp32 whatever autocast says; the output takes the input's dtype.
-        with torch.autocast(device_type=rows.device.type, enabled=False):
+        with full_precision(rows.device):
             z = self._to_code_space(rows)
             if self.training:
                 self.codebook.before_search_(z.detach(), keep)
