@@ -42,6 +42,8 @@ import vq_kernels.nearest_pass  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from bench import calibrate_model  # noqa: E402
+
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Shared memory one block may use (opt-in maximum), by compute capability: a kernel that compiles but needs more
 # fails at launch.
@@ -49,6 +51,8 @@ MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 SEED = (65536, 4096, 256)  # N, K, D
 SEED_NAME = "N=65536 K=4096 D=256"
 MODELLED = {"_fast_kernel", "_exact_kernel", "_nearest_code_kernel"}  # the searches' sweeps (the last: version 1)
+CALIBRATED = {"_fast_kernel": "fast", "_exact_kernel": "exact"}  # bench.calibrate_model's corrections
+H100_FP16_FLOPS = 989e12  # dense fp16/bf16 tensor-core peak: the floor the calibration is fitted against
 ODD = [(1023, 37, 200), (37, 5, 3), (64, 70, 300)]  # not block multiples; one code tile; rows in slices
 
 
@@ -348,6 +352,10 @@ def compile_all(arch: int, model: bool = False, only: str = "", shapes=()) -> li
     predict each search's time at the seed shape (or at each of `shapes`) on an H100."""
     limit = MAX_SHARED_BYTES[arch]
     failures, figures = [], {}
+    if model and not triton.__version__.startswith(calibrate_model.TRITON_RELEASE):
+        print(f"note: compiled by triton {triton.__version__}; the calibration was fitted on triton "
+              f"{calibrate_model.TRITON_RELEASE}'s code (the GPU machines' release: pip install -e '.[triton36]' in "
+              f"a separate environment), and another release compiles another loop")
     calls = search_calls(shapes) if shapes else quantizer_calls()
     launches = record_launches([(name, call) for name, call in calls if only in name])
     for launch in launches:
@@ -383,6 +391,11 @@ def compile_all(arch: int, model: bool = False, only: str = "", shapes=()) -> li
                       f"{p['issue_cycles']:.0f} ({p['gap_cycles']:.0f} before the MMA), L2 {p['l2_cycles']:.0f} "
                       f"cycles; {'serial' if p['serial'] else 'MMA in flight'}"
                       f"; {p['splits']} split{'s' * (p['splits'] > 1)}, {p['ctas_per_sm']} CTA/SM, {p['waves']} waves)")
+                if launch.fn.__name__ in CALIBRATED:
+                    floor_us = 2 * n * k * d / H100_FP16_FLOPS * 1e6
+                    us, error = calibrate_model.correct(p["seconds"] * 1e6, floor_us, CALIBRATED[launch.fn.__name__])
+                    print(f"     calibrated on the H200 run: {us:.0f} us, +-{error:.0%} (worst leave-one-out error; "
+                          f"a loop unlike the shipped ones may miss by more)")
         if not fitting:
             failures.append(f"{launch.case}: {launch.fn.__name__}: no configuration fits sm_{arch}'s {limit} B")
             print(f"FAIL {launch.case}: {launch.fn.__name__}: no configuration fits in {limit} B of shared memory")

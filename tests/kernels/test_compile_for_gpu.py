@@ -63,4 +63,6 @@ def test_large_codebook_searches_compile_and_are_modelled():
         assert f"N=1000 K=262147 D=19: {merge}" in result.stdout, result.stdout
     predictions = [float(us) for us in re.findall(r"model: (\d+) us", result.stdout)]
     assert predictions and all(us > 0 for us in predictions), result.stdout
+    calibrated = [float(us) for us in re.findall(r"calibrated on the H200 run: (\d+) us, \+-\d+%", result.stdout)]
+    assert len(calibrated) == len(predictions) and all(c > p for c, p in zip(calibrated, predictions))
     assert "; 16 splits, " in result.stdout and "; 1 split, " in result.stdout, result.stdout
