@@ -118,15 +118,15 @@ def _launch_blend(cluster_size, embed_sum, codebook, counts, sums, decay, eps):
     K, D = codebook.shape
     on_device = isinstance(decay, torch.Tensor)
     if on_device:
-        decay, keep = decay.reshape(1), 1.0 - decay.reshape(1)
+        decay, new_weight = decay.reshape(1), 1.0 - decay.reshape(1)
     else:
         # The float stays on the host (torch.as_tensor(decay, device=...) is a copy the host waits on), rounded to
         # fp32 as a device tensor would be, so that both paths give the same bits.
         decay = float(np.float32(decay))
-        keep = float(np.float32(1.0) - np.float32(decay))
+        new_weight = float(np.float32(1.0) - np.float32(decay))
     rows = counts.sum().reshape(1)
     # sum_k of the blended cluster_size, before the kernel overwrites cluster_size.
-    total = decay * cluster_size.sum() + keep * rows
+    total = decay * cluster_size.sum() + new_weight * rows
     block_k, block_d = 16, min(128, max(16, triton.next_power_of_2(D)))
     _ema_blend_kernel[(triton.cdiv(K, block_k),)](
         cluster_size, embed_sum, codebook, counts, sums,

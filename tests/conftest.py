@@ -245,6 +245,7 @@ REFERENCE_CACHE = Path(os.environ.get("VQVAE_TEST_CACHE", Path.home() / ".cache"
 def _reference_wheel(package: str) -> Path:
     """The folder holding the package's sources, from its wheel (fetched once into REFERENCE_CACHE). A fetch that
     fails fails the test under CI (the environment variable CI set) and skips it elsewhere, saying why."""
+    import shutil  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
@@ -265,8 +266,14 @@ def _reference_wheel(package: str) -> Path:
             why = (f"could not fetch the reference {requirement} (pip download exit {fetched.returncode}): "
                    f"{fetched.stderr.strip()[-400:]}")
             (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
+        # extracted beside the cache, then renamed into it: an interrupted run leaves no half-written package
+        REFERENCE_CACHE.mkdir(parents=True, exist_ok=True)
+        unpacked = Path(tempfile.mkdtemp(dir=REFERENCE_CACHE))
         with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extractall(folder)
+            wheel.extractall(unpacked)
+        if folder.exists():  # an earlier run's, incomplete
+            shutil.rmtree(folder)
+        os.replace(unpacked, folder)
     return folder
 
 

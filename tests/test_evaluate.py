@@ -208,6 +208,14 @@ def test_rfid_reads_pixels_rounded_not_truncated(stand_in_weights, monkeypatch):
     assert all(torch.equal(pixels, levels) for pixels in seen)  # every one of the 256 levels comes back
 
 
+def test_rfid_over_a_single_image_is_unavailable_saying_why(stand_in_weights):
+    meter = QualityMeter(["rfid"], weights={"rfid": str(stand_in_weights["rfid"])})
+    meter.update(_images(1), _images(1))
+    figures = meter.compute()
+    assert figures["rfid"] == "unavailable: a covariance needs at least 2 images, got 1"
+    assert isinstance(figures["psnr"], float)
+
+
 def test_the_trainer_reports_lpips_and_rfid_with_their_weights(tmp_path, tiny_config, read_metrics, stand_in_weights):
     from vqvae.train import train  # noqa: PLC0415
 

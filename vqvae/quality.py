@@ -156,7 +156,9 @@ class QualityMeter:
 
     def compute(self) -> dict:
         figures = {k: v / max(self.images, 1) for k, v in self.sums.items()}
-        if "rfid" in self.networks:
+        if "rfid" in self.networks and self.images < 2:
+            figures["rfid"] = f"unavailable: a covariance needs at least 2 images, got {self.images}"
+        elif "rfid" in self.networks:
             figures["rfid"] = float(self.networks["rfid"].compute())
             figures["rfid_note"] = rfid_note(self.images, self.resolution)
         figures.update(self.unavailable)
