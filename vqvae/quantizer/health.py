@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from vqvae.quantizer.backend import TORCH
+from vqvae.quantizer.metrics import blend_counts_
 from vqvae.quantizer.options import QuantizerOptions
 from vqvae.quantizer.seeding import draw_in_proportion, first_of_copies
 from vqvae.quantizer.sync import sum_moments_across_ranks, world_size
@@ -157,9 +158,7 @@ class DeadCodeMemory(Rule):
         codebook.dead_count.copy_(codebook.cluster_size)  # before FitWeight weighs cluster_size: this rule runs first
 
     def after_blend_(self, codebook, counts, decay):
-        decay = torch.clamp(decay, min=1.0 - 1.0 / self.steps)
-        remembered = codebook.dead_count
-        remembered.copy_(torch.where(counts.sum() > 0, decay * remembered + (1.0 - decay) * counts, remembered))
+        blend_counts_(codebook.dead_count, counts, torch.clamp(decay, min=1.0 - 1.0 / self.steps))
 
     def activity(self, codebook):
         return codebook.dead_count
@@ -188,8 +187,7 @@ class FitWeight(Rule):
         codebook.cluster_size.mul_(self.steps)
 
     def after_blend_(self, codebook, counts, decay):
-        recent = codebook.recent_count
-        recent.copy_(torch.where(counts.sum() > 0, decay * recent + (1.0 - decay) * counts, recent))
+        blend_counts_(codebook.recent_count, counts, decay)
 
     def activity(self, codebook):
         return codebook.recent_count

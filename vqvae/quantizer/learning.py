@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqvae.quantizer.metrics import blend_counts_
+
 
 class EMALearning:
     name = "ema"
@@ -88,8 +90,7 @@ class GradientLearning:
 
     def step_(self, codebook, counts, sums, decay) -> None:
         """The usage counts' EMA alone (the optimizer moves the codes)."""
-        blended = decay * codebook.cluster_size + (1.0 - decay) * counts
-        codebook.cluster_size.copy_(torch.where(counts.sum() > 0, blended, codebook.cluster_size))
+        blend_counts_(codebook.cluster_size, counts, decay)
 
     def codes_written_(self, codebook, where: torch.Tensor | None) -> None:
         if where is None:

@@ -63,3 +63,9 @@ class CodeUsage:
 
     def perplexity(self) -> torch.Tensor:
         return perplexity(self.totals().float())
+
+
+def blend_counts_(running: torch.Tensor, counts: torch.Tensor, decay) -> None:
+    """running <- decay * running + (1 - decay) * counts, in place: the EMA of per-code counts that the learning modes
+    and the health rules keep. A batch without rows leaves it as it was (blending in nothing would only shrink it)."""
+    running.copy_(torch.where(counts.sum() > 0, decay * running + (1.0 - decay) * counts, running))
